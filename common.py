@@ -1,0 +1,303 @@
+"""
+Plumbing shared by train_encoder.py and train_llm.py (and data.py / eval.py for the config): written once, here.
+
+- configure(): plain-Python config files + --key=value overrides, with unknown keys as errors (nanoGPT's configurator,
+  minus its silent typos).
+- setup_distributed(): torchrun-aware device / process-group setup (NCCL on GPU, gloo on CPU) and mixed precision.
+- get_lr(): linear warmup + cosine decay (paper App. C).
+- save_checkpoint() / load_checkpoint(): atomic writes, weights_only loads.
+- train(): the hand-written training loop both scripts run, in the familiar order:
+  set LR -> evaluate/checkpoint -> micro-steps (grad sync on the last) -> unscale, clip -> step -> zero grads -> log.
+"""
+import ast
+import contextlib
+import difflib
+import json
+import math
+import os
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configuration
+
+def _coerce(key, value, default):
+    """Type-check an override against its default: int->float is fine, None is fine, anything else must match."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise SystemExit(f"config: '{key}' expects True/False, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return tuple(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(value)  # e.g. --out_dir=2024 parses as an int
+    if type(value) is not type(default):
+        raise SystemExit(f"config: '{key}' expects {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _unknown(key, known, where):
+    hint = difflib.get_close_matches(key, known, n=1)
+    raise SystemExit(f"config: unknown key '{key}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def configure(defaults, argv):
+    """defaults: dict of every key a script accepts. argv: [config.py] [--key=value ...]. Returns a namespace."""
+    cfg, args = dict(defaults), list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        if not os.path.isfile(path):
+            raise SystemExit(f"config: no such config file: {path}")
+        scope = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)  # config files are plain Python we trust like the scripts
+        for key, value in scope.items():
+            if key.startswith("_") or isinstance(value, types.ModuleType):
+                continue
+            if key not in cfg:
+                _unknown(key, cfg, path)
+            cfg[key] = _coerce(key, value, defaults[key])
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"config: expected --key=value, got '{arg}'")
+        key, text = arg[2:].split("=", 1)
+        if key not in cfg:
+            _unknown(key, cfg, "the command line")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as --dataset=ml20m
+        cfg[key] = _coerce(key, value, defaults[key])
+    return types.SimpleNamespace(**cfg)
+
+
+def save_config(cfg, path):
+    with open(path, "w") as f:
+        json.dump(vars(cfg), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# distributed setup and precision
+
+@dataclass
+class Context:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype (float32 = no autocast)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def setup_distributed(device="auto", dtype="auto", seed=1337):
+    """One call for: torchrun process group, device, autocast dtype, seeds. Single process when not under torchrun."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world > 1 else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dtype == "auto":  # bf16 where supported; fp32 on CPU unless asked (CPU autocast is slower than fp32 here)
+        dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"config: dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    torch.manual_seed(seed)  # the same seed on every rank: identical initial weights, identical dropout streams
+    return Context(rank, local_rank, world, device, getattr(torch, dtype))
+
+
+def all_reduce_sum(values, ctx):
+    """Sum a list of floats over all ranks (evaluation metrics, logged losses)."""
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def cleanup_distributed(ctx):
+    if ctx.world_size > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# learning-rate schedule and checkpoints
+
+def get_lr(step, lr, warmup_steps, decay_steps, min_lr):
+    """Linear warmup to lr, then cosine decay to min_lr at decay_steps, then flat."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, fsync, then rename: a kill mid-save never leaves a corrupt checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)  # data, not code: never unpickle
+    except Exception as e:  # a truncated or foreign file: one line, no traceback
+        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
+
+
+def adamw(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW with decoupled weight decay on matrices only (not on biases, LayerNorms, gates)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)  # foreach=False: bit-identical resume on CPU
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the training loop
+
+TRAIN_DEFAULTS = dict(
+    out_dir="out", init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    max_steps=1000, lr_decay_steps=0,  # 0: decay over max_steps (set both to stop early and resume on the same curve)
+    batch_size=64, grad_accum=1,  # batch_size: examples per optimizer step, split into grad_accum micro-batches
+    lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, beta2=0.95, grad_clip=1.0,
+    eval_interval=200, eval_examples=2000, log_interval=20, seed=1337,
+    device="auto", dtype="auto", compile=False,
+)
+
+
+def micro_batch_targets(global_targets, ctx, grad_accum):
+    """This rank's micro-batches of the global batch at `step`. The global batch is split into grad_accum equal chunks
+    whatever the world size, and rank r takes chunks r, r + W, ...: so W processes compute exactly what 1 process does."""
+    if grad_accum % ctx.world_size or len(global_targets) % grad_accum:
+        raise SystemExit(f"config: grad_accum={grad_accum} must be a multiple of the world size {ctx.world_size} and "
+                         f"divide batch_size={len(global_targets)}")
+    chunks = global_targets.reshape(grad_accum, -1)
+    return [chunks[c] for c in range(ctx.rank, grad_accum, ctx.world_size)]
+
+
+def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, checkpoint_extra, units_per_example=1):
+    """Run the loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
+    make_batch(ids) -> a batch on ctx.device; evaluate(raw_model) -> dict of metrics (all ranks take part, reduced);
+    select: the validation metric that picks the best checkpoint (higher is better); checkpoint_extra(): what the
+    caller stores beside the weights (model config, ...). Returns the final metrics."""
+    from tqdm import tqdm
+
+    raw_model = model
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+    step, best, last_path, best_path = 0, -math.inf, os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(last_path, map_location=ctx.device)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][min(ctx.rank, len(ckpt["rng"]["cuda"]) - 1)].cpu())
+        if ctx.master:
+            print(f"resumed from {last_path} at step {step} (best {select} so far {best:.4f})")
+    elif cfg.init_from != "scratch":
+        raise SystemExit(f"config: init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    if cfg.compile:
+        model = torch.compile(model)  # raw_model keeps the plain parameter names for checkpoints
+    if ctx.world_size > 1:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if ctx.master else None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not ctx.master, dynamic_ncols=True)
+    metrics, t0, t0_step = {}, time.time(), step
+
+    def checkpoint(path):
+        rng = {"cpu": torch.get_rng_state()}
+        if ctx.device.type == "cuda":
+            rng["cuda"] = [torch.cuda.get_rng_state()]
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "best": best, "metrics": metrics,
+                         "config": vars(cfg), "rng": rng, **checkpoint_extra()}, path)
+
+    while True:
+        lr = get_lr(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            raw_model.eval()
+            with torch.no_grad(), ctx.autocast():
+                metrics = evaluate(raw_model)
+            raw_model.train()
+            improved = metrics[select] > best
+            best = max(best, metrics[select])
+            if ctx.master:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}) + "\n")
+                checkpoint(last_path)
+                if improved:
+                    checkpoint(best_path)
+        if step == cfg.max_steps:
+            break
+        micro = micro_batch_targets(global_batch(step), ctx, cfg.grad_accum)
+        loss_sum = 0.0
+        for i, ids in enumerate(micro):
+            batch = make_batch(ids)
+            sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-step
+            with (contextlib.nullcontext() if sync or ctx.world_size == 1 else model.no_sync()), ctx.autocast():
+                loss = model(batch) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        loss_sum = all_reduce_sum([loss_sum], ctx)[0]  # the global-batch mean loss, whatever the world size
+        if not math.isfinite(loss_sum):
+            if ctx.master:
+                bar.close()
+                print(f"loss is {loss_sum} at step {step}: stopping. The last good checkpoint is {last_path} "
+                      f"(try a lower lr, or dtype=float32)")
+            cleanup_distributed(ctx)
+            raise SystemExit(1)
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if ctx.master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
+            rate = (step - t0_step) * cfg.batch_size * units_per_example / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "units_per_s": rate}) + "\n")
+            log.flush()
+            t0, t0_step = time.time(), step
+    bar.close()
+    if log:
+        log.close()
+    return metrics

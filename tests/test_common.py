@@ -1,0 +1,74 @@
+"""The shared plumbing: config mechanism, LR schedule, checkpoint I/O, world-size-independent micro-batching."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import Context, configure, get_lr, load_checkpoint, micro_batch_targets, save_checkpoint
+
+DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nlr = 3e-4\nmax_steps = 7\n_private = 1\n")
+    cfg = configure(DEFAULTS, [str(f), "--lr=1", "--dataset=ml20m", "--compile=True", "--dims=[8, 4]", "--init=None"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # int -> float
+    assert cfg.max_steps == 7 and cfg.dataset == "ml20m" and cfg.compile is True and cfg.dims == (8, 4)
+    assert cfg.init is None
+
+
+def test_config_typo_names_the_key(tmp_path):
+    with pytest.raises(SystemExit, match="unknown key 'lrr'.*did you mean 'lr'"):
+        configure(DEFAULTS, ["--lrr=1"])
+    f = tmp_path / "c.py"
+    f.write_text("max_step = 3\n")
+    with pytest.raises(SystemExit, match="unknown key 'max_step' in .*c.py"):
+        configure(DEFAULTS, [str(f)])
+
+
+def test_config_type_errors():
+    with pytest.raises(SystemExit, match="'max_steps' expects int"):
+        configure(DEFAULTS, ["--max_steps=1.5"])
+    with pytest.raises(SystemExit, match="'compile' expects True/False"):
+        configure(DEFAULTS, ["--compile=3"])
+    with pytest.raises(SystemExit, match="expected --key=value"):
+        configure(DEFAULTS, ["--lr", "1"])
+
+
+def test_lr_schedule():
+    lrs = [get_lr(s, 1.0, 10, 110, 0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
+    assert lrs[110] == lrs[119] == 0.1 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_checkpoint_roundtrip_and_bad_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": {"w": torch.arange(3.0)}, "step": 5, "config": {"a": 1}}, path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]  # no temporary file left behind
+    ck = load_checkpoint(path)
+    assert ck["step"] == 5 and torch.equal(ck["model"]["w"], torch.arange(3.0))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"f": math.sqrt}, path)  # a pickled function: weights_only=True must refuse it
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_micro_batches_do_not_depend_on_world_size():
+    ids = np.arange(12)
+    one = micro_batch_targets(ids, Context(0, 0, 1, torch.device("cpu"), torch.float32), 4)
+    two = [micro_batch_targets(ids, Context(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
+    assert [c.tolist() for c in one] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert [c.tolist() for c in two[0]] == [[0, 1, 2], [6, 7, 8]] and [c.tolist() for c in two[1]] == [[3, 4, 5], [9, 10, 11]]
+    with pytest.raises(SystemExit, match="multiple of the world size"):
+        micro_batch_targets(ids, Context(0, 0, 2, torch.device("cpu"), torch.float32), 3)
