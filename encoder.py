@@ -1,0 +1,255 @@
+"""
+The user encoders of User-LLM (paper Sec 3.1, App. A) and the two baselines the paper compares them to (Table 2):
+- UserEncoder: User-LLM's multi-feature autoregressive Transformer (early fusion, causal, next-event prediction);
+- Bert4Rec:    the same network, bidirectional, trained with the cloze objective;
+- DualEncoder: late fusion, a user tower and a label tower scored by dot product.
+All three share one trunk (EventTrunk) and the project's one attention implementation (model.Block).
+
+Pretrained by `python train_encoder.py configs/ml20m.py`; ranked by eval.py; UserEncoder.embed gives the per-event user
+embeddings the LLM consumes (train_llm.py).
+
+Dimension letters: B batch, N history length, T events given to the Transformer (N, or N+1 with the target or [MASK]
+event appended), F number of event features (item, genre/category, rating), d_f width of feature f's embedding,
+C transformer width (n_embd), V_f vocabulary size of feature f (including padding id 0), K user embeddings (Dual
+Encoder), L labels (items, or genres when label_task='fav').
+
+Conventions shared by all three models:
+- An event is padding iff its item id (feature 0) is 0; the other features of a padding event are ignored.
+- Histories are left-padded. Positions count from the user's first real event (0, 1, 2, ...), not from the start of the
+  padded tensor, and nobody attends to padding: adding left padding never changes anything at real positions.
+- Padding id 0 (and Bert4Rec's [MASK] id) get logit -inf: never predicted, excluded from every softmax.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import MLP, Block
+
+KINDS = ('ar', 'bert4rec', 'dual')
+
+
+@dataclass
+class EncoderConfig:
+    vocab_sizes: tuple = (1001, 21, 11)    # per feature, including padding id 0 (data.UserData.vocab_sizes)
+    feature_dims: tuple = (64, 16, 16)     # per-feature embedding widths; concatenated (early fusion)
+    n_embd: int = 128                      # transformer width; a Linear maps sum(feature_dims) -> n_embd
+    n_layer: int = 2
+    n_head: int = 4
+    block_size: int = 51                   # max events in one sequence (N history + 1 for the appended target/mask)
+    dropout: float = 0.0
+    bias: bool = True
+    loss_weights: tuple = (1.0, 1.0, 1.0)  # per-feature weight of the next-event (or cloze) cross-entropy
+    kind: str = 'ar'                       # 'ar' (User-LLM), 'bert4rec' (bidirectional, cloze), 'dual' (Dual Encoder)
+    mask_prob: float = 0.2                 # bert4rec cloze masking probability
+    n_user_embs: int = 1                   # dual: number of user embeddings the user tower emits
+    label_task: str = 'next_item'          # dual: 'next_item' or 'fav' (favourite genre/category)
+
+    def __post_init__(self):
+        # A checkpoint stores the config as JSON, which turns tuples into lists: accept both.
+        self.vocab_sizes, self.feature_dims, self.loss_weights = (
+            tuple(self.vocab_sizes), tuple(self.feature_dims), tuple(self.loss_weights))
+        if not len(self.vocab_sizes) == len(self.feature_dims) == len(self.loss_weights):
+            raise ValueError(f"vocab_sizes, feature_dims and loss_weights need one entry per feature, got "
+                             f"{len(self.vocab_sizes)}, {len(self.feature_dims)}, {len(self.loss_weights)}")
+        if min(self.vocab_sizes) < 2:
+            raise ValueError(f"every vocab size must be >= 2 (padding id 0 plus real ids), got {self.vocab_sizes}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.label_task not in ('next_item', 'fav'):
+            raise ValueError(f"label_task must be 'next_item' or 'fav', got {self.label_task!r}")
+        if self.label_task == 'fav' and len(self.vocab_sizes) < 2:
+            raise ValueError("label_task='fav' needs a genre/category feature (feature 1)")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
+        if self.n_user_embs < 1:
+            raise ValueError(f"n_user_embs must be >= 1, got {self.n_user_embs}")
+
+
+def _init_weights(module):
+    # GPT-2 initialisation, as nanoGPT: N(0, 0.02) weights, zero biases.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def masked_cross_entropy(logits, targets):
+    """Mean cross-entropy over the entries whose target is not padding (id 0). logits (..., V), targets (...).
+    Returns 0, not NaN, when every target is padding."""
+    keep = targets != 0
+    return F.cross_entropy(logits[keep], targets[keep], reduction='sum') / keep.sum().clamp(min=1)
+
+
+def with_target(batch):
+    """The data dict -> F x (B, N+1): each feature's history with the target event appended."""
+    return [torch.cat([h, t[:, None]], dim=1) for h, t in zip(batch['hist'], batch['target'])]
+
+
+class EventTrunk(nn.Module):
+    """The trunk all three encoders share (Sec 3.1): one embedding table per event feature, the feature embeddings of
+    an event concatenated (early fusion) and mapped to width C by a Linear, plus learned positions, then pre-LN Blocks
+    and a final LayerNorm."""
+
+    def __init__(self, cfg, causal, n_extra_ids=0):
+        super().__init__()
+        self.block_size = cfg.block_size
+        # n_extra_ids: Bert4Rec adds one id, [MASK] = V_f, to every feature's vocabulary.
+        self.wte = nn.ModuleList(nn.Embedding(v + n_extra_ids, d) for v, d in zip(cfg.vocab_sizes, cfg.feature_dims))
+        self.fuse = nn.Linear(sum(cfg.feature_dims), cfg.n_embd, bias=cfg.bias)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, causal) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, feats):
+        """feats: F x (B, T) ids -> (h (B, T, C), real (B, T) bool, True at real events)."""
+        if len(feats) != len(self.wte):
+            raise ValueError(f"expected {len(self.wte)} event features, got {len(feats)}")
+        T = feats[0].shape[1]
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} events is longer than block_size={self.block_size}")
+        real = feats[0] != 0
+        pos = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): index among the real events, so left padding shifts nothing
+        feats = [x.masked_fill(~real, 0) for x in feats]  # whatever sits in a padding event's other features is ignored
+        x = torch.cat([emb(x) for emb, x in zip(self.wte, feats)], dim=-1)  # (B, T, sum_f d_f): early fusion
+        x = self.drop(self.fuse(x) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x, real)
+        return self.ln_f(x), real
+
+
+class UserEncoder(nn.Module):
+    """User-LLM's autoregressive user encoder (Sec 3.1, App. A): a causal Transformer over fused events, pretrained to
+    predict every feature of the next event. Each output is projected back into feature f's space (Linear C -> d_f) and
+    scored against feature f's own input table (tied weights)."""
+    kind, causal, n_extra_ids = 'ar', True, 0  # Bert4Rec changes these three and nothing else here
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs EncoderConfig(kind={self.kind!r}), got kind={cfg.kind!r}")
+        self.cfg = cfg
+        self.trunk = EventTrunk(cfg, self.causal, self.n_extra_ids)
+        self.proj = nn.ModuleList(nn.Linear(cfg.n_embd, d, bias=cfg.bias) for d in cfg.feature_dims)
+        self.apply(_init_weights)
+
+    def logits(self, h, f):
+        """(..., C) -> (..., V_f + n_extra_ids) logits of feature f; padding and [MASK] columns are -inf."""
+        table = self.trunk.wte[f].weight  # (V_f + n_extra_ids, d_f): the input table itself, tied
+        logits = self.proj[f](h) @ table.T
+        ids = torch.arange(table.shape[0], device=h.device)
+        return logits.masked_fill((ids == 0) | (ids >= self.cfg.vocab_sizes[f]), float('-inf'))
+
+    def feature_loss(self, h, targets):
+        """Sum over features of loss_weights[f] * cross-entropy of h (B, T, C) against targets F x (B, T) (0 = skip)."""
+        return sum(w * masked_cross_entropy(self.logits(h, f), targets[f])
+                   for f, w in enumerate(self.cfg.loss_weights) if w != 0)
+
+    def loss(self, batch):
+        """Next-event cross-entropy at every real position of the history + target sequence."""
+        seq = with_target(batch)  # F x (B, N+1)
+        h, real = self.trunk([x[:, :-1] for x in seq])  # (B, N, C): the output at t has seen events 0..t
+        # The event after a padding input (the first real event) is not a training target: nothing came before it.
+        return self.feature_loss(h, [x[:, 1:].masked_fill(~real, 0) for x in seq])
+
+    def forward(self, batch):
+        return self.loss(batch)  # what the training loop (and DDP's gradient hooks) call
+
+    def embed(self, hist):
+        """F x (B, N) history -> (per-event user embeddings (B, N, C), real (B, N)); zeros at padding."""
+        h, real = self.trunk(hist)
+        return h * real[..., None], real
+
+    def scores(self, hist):
+        """F x (B, N) history -> (B, V_item) logits of the next item; the last event is real (left padding)."""
+        h, _ = self.trunk(hist)
+        return self.logits(h[:, -1], 0)
+
+
+class Bert4Rec(UserEncoder):
+    """Bert4Rec baseline (Sun et al., 2019; paper Table 2): UserEncoder's network made bidirectional and trained with
+    the cloze objective. Every feature's vocabulary gets one extra id, [MASK] = V_f, so its table has V_f + 1 rows;
+    a masked event has all its features replaced by [MASK]. The next event is predicted by appending a [MASK] event."""
+    kind, causal, n_extra_ids = 'bert4rec', False, 1
+
+    def cloze_mask(self, real):
+        """real (B, T) bool -> masked (B, T) bool: each real event with probability mask_prob, at least one real event
+        per sequence that has any, never padding."""
+        r = torch.rand(real.shape, device=real.device)
+        masked = (r < self.cfg.mask_prob) & real
+        # Where the coin masked nothing, mask the real event with the largest draw: uniform among the real events.
+        pick = F.one_hot(r.masked_fill(~real, -1.0).argmax(1), real.shape[1]).bool() & real  # (B, T)
+        return masked | (pick & ~masked.any(1, keepdim=True))
+
+    def mask_events(self, seq, masked):
+        """F x (B, T) ids, masked (B, T) -> F x (B, T) ids with every feature of a masked event set to [MASK]."""
+        return [x.masked_fill(masked, v) for x, v in zip(seq, self.cfg.vocab_sizes)]
+
+    def cloze_loss(self, seq, masked):
+        """Cross-entropy of the masked events' features, given the sequence with those events masked."""
+        h, _ = self.trunk(self.mask_events(seq, masked))
+        return self.feature_loss(h, [x.masked_fill(~masked, 0) for x in seq])
+
+    def loss(self, batch):
+        seq = with_target(batch)  # F x (B, N+1)
+        return self.cloze_loss(seq, self.cloze_mask(seq[0] != 0))
+
+    def scores(self, hist):
+        """F x (B, N) history -> (B, V_item) next-item logits: the output at an appended [MASK] event, [MASK] column
+        dropped so that column i is item i."""
+        mask_event = [torch.full_like(x[:, :1], v) for x, v in zip(hist, self.cfg.vocab_sizes)]  # F x (B, 1)
+        h, _ = self.trunk([torch.cat([x, m], dim=1) for x, m in zip(hist, mask_event)])  # (B, N+1, C)
+        return self.logits(h[:, -1], 0)[:, :self.cfg.vocab_sizes[0]]
+
+
+class DualEncoder(nn.Module):
+    """Dual Encoder baseline (late fusion; paper Table 2). User tower: the causal trunk; its outputs at the last K real
+    events (K = n_user_embs; the first real event repeats when a history is shorter) through a Linear are the K user
+    embeddings. Label tower: a label embedding table plus a residual MLP. Score of label l = max_k <u_k, e_l>, softmax
+    over the whole catalogue (labels 1..L-1). label_task: 'next_item' (labels = items) or 'fav' (labels = genres)."""
+    kind = 'dual'
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.kind != self.kind:
+            raise ValueError(f"DualEncoder needs EncoderConfig(kind='dual'), got kind={cfg.kind!r}")
+        self.cfg = cfg
+        self.trunk = EventTrunk(cfg, causal=True)
+        self.user_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.label_emb = nn.Embedding(cfg.vocab_sizes[0 if cfg.label_task == 'next_item' else 1], cfg.n_embd)
+        self.label_mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+        self.apply(_init_weights)
+
+    def forward(self, batch):
+        return self.loss(batch)
+
+    def embed(self, hist):
+        """F x (B, N) history -> (user embeddings (B, K, C), mask (B, K) all True)."""
+        h, real = self.trunk(hist)  # (B, N, C)
+        B, N, C = h.shape
+        K = self.cfg.n_user_embs
+        first = real.int().argmax(1, keepdim=True)  # (B, 1): index of the first real event
+        idx = torch.arange(N - K, N, device=h.device)[None].maximum(first)  # (B, K): the last K real events
+        u = self.user_proj(h.gather(1, idx[..., None].expand(B, K, C)))  # (B, K, C)
+        return u, torch.ones(B, K, dtype=torch.bool, device=h.device)
+
+    def scores(self, hist):
+        """F x (B, N) history -> (B, L) logits over all labels (items, or genres for 'fav'); padding column -inf."""
+        u, _ = self.embed(hist)
+        e = self.label_emb.weight
+        e = e + self.label_mlp(e)  # (L, C): the label tower, applied to every label at once
+        s = torch.einsum('bkc,lc->bkl', u, e).amax(1)  # (B, L): each label scored by its best-matching user embedding
+        return s.masked_fill(torch.arange(s.shape[1], device=s.device) == 0, float('-inf'))
+
+    def loss(self, batch):
+        label = batch['target'][0] if self.cfg.label_task == 'next_item' else batch['fav']
+        return masked_cross_entropy(self.scores(batch['hist']), label)
+
+
+def make_encoder(cfg):
+    """The encoder class that cfg.kind names."""
+    return {'ar': UserEncoder, 'bert4rec': Bert4Rec, 'dual': DualEncoder}[cfg.kind](cfg)
