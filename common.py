@@ -19,6 +19,7 @@ import time
 import types
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -135,6 +136,32 @@ def all_reduce_sum(values, ctx):
     if ctx.world_size > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def to_device(batch, device):
+    """Move a data.UserData.batch() dict (tensors, or tuples of tensors per feature) to the device."""
+    def move(x):
+        return tuple(t.to(device, non_blocking=True) for t in x) if isinstance(x, tuple) else x.to(device, non_blocking=True)
+    return {k: move(v) for k, v in batch.items()}
+
+
+def seeded_subset(targets, n, seed):
+    """At most n examples of a split, the same seeded choice every time (n=0: all of them)."""
+    if n and len(targets) > n:
+        targets = np.sort(np.random.default_rng(seed).choice(targets, n, replace=False))
+    return targets
+
+
+@torch.no_grad()
+def evaluate_loss(model, make_batch, targets, ctx, batch_size=64):
+    """Mean answer-token loss of a UserLLM over `targets` (this rank's shard), reduced over ranks; neg_loss selects."""
+    total, n = 0.0, 0
+    for i in range(0, len(targets), batch_size):
+        ids = targets[i:i + batch_size]
+        total += model(make_batch(ids)).item() * len(ids)
+        n += len(ids)
+    total, n = all_reduce_sum([total, n], ctx)
+    return {"loss": total / max(n, 1), "neg_loss": -total / max(n, 1)}
 
 
 def cleanup_distributed(ctx):

@@ -1,0 +1,248 @@
+"""
+Evaluation (paper Sec 4, Tables 2 and 12): next-item Recall@1/5/10 and NDCG@10 by full ranking of the whole catalogue,
+for a pretrained encoder (AR, Bert4Rec, DualEnc) and for the most-popular baseline; favourite genre/category
+Recall@1/5/10 for a DualEnc trained on it.
+
+    python eval.py --ckpt=out/synthetic-enc/best.pt                  # test split; prints a table, writes JSON beside it
+
+Protocol: every example of the split (each user's last event for 'test'), scored against every item id of the catalogue
+(padding excluded). Nothing is filtered: items already in the history stay in the ranking. Ties count against the
+target (its rank is 1 + the number of items scoring >= it, itself excluded), so a constant scorer gets no credit.
+"""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import torch
+
+from common import all_reduce_sum, configure, load_checkpoint, seeded_subset, to_device
+from data import UserData
+from encoder import EncoderConfig, make_encoder
+from train_llm import Prompter, build_model, get_tokenizer
+
+DEFAULTS = dict(ckpt="", split="test", data_dir="", batch_size=64, max_examples=0, seed=1337, device="cpu",
+                beam=10, exact=False)  # LLMs: beams for next-item beam search; exact: also rank every title
+
+
+def ranking_metrics(scores, target, ks=(1, 5, 10)):
+    """scores (B, V) over all candidates, target (B,) ids. Returns mean Recall@k for each k and NDCG@10."""
+    s = scores.float()
+    t = s.gather(1, target[:, None])  # (B, 1) the target's score
+    rank = (s > t).sum(1) + (s == t).sum(1) - 1  # 0-based; ties against the target
+    out = {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
+    out["ndcg@10"] = torch.where(rank < 10, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros_like(s[:, 0])).mean().item()
+    return out
+
+
+def label_of(enc_cfg):
+    """What an encoder predicts: the next 'item', or the favourite genre/category ('fav') for a DualEnc trained on it."""
+    return "fav" if enc_cfg.kind == "dual" and enc_cfg.label_task == "fav" else "item"
+
+
+def popularity(d, feature=0):
+    """Counts of each id of a feature over the training events only (each user's last two events are val/test)."""
+    keep = np.ones(len(d.feats[feature]), dtype=bool)
+    ends = d.offsets[1:]
+    keep[ends - 1] = keep[ends - 2] = False
+    counts = np.bincount(np.asarray(d.feats[feature])[keep], minlength=d.vocab_sizes[feature]).astype(np.float32)
+    counts[0] = -np.inf  # padding is never a candidate
+    return torch.from_numpy(counts)
+
+
+@torch.no_grad()
+def evaluate_ranking(score_fn, d, targets, seq_len, label="item", batch_size=256, device="cpu", loss_fn=None, ctx=None):
+    """Mean ranking metrics of score_fn(hist) -> (B, V) over the examples `targets` (label 'item' or 'fav'), plus the
+    mean loss_fn(batch) if given. With a distributed ctx, each rank passes its shard and gets the global means."""
+    sums, n = {}, 0
+    for i in range(0, len(targets), batch_size):
+        batch = to_device(d.batch(targets[i:i + batch_size], seq_len), device)
+        y = batch["target"][0] if label == "item" else batch["fav"]
+        metrics = ranking_metrics(score_fn(batch["hist"]), y)
+        if loss_fn is not None:
+            metrics["loss"] = loss_fn(batch).item()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        n += len(y)
+    if ctx is not None:  # every rank must hold the same keys, even one whose shard was empty
+        keys = [f"recall@{k}" for k in (1, 5, 10)] + ["ndcg@10"] + (["loss"] if loss_fn is not None else [])
+        *values, n = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], ctx)
+        sums = dict(zip(keys, values))
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+class Trie:
+    """Prefix trie over the catalogue's answers (token lists ending with eot, unique: see train_llm.unique_names). Plugged
+    into GPT.beam_search as `allowed`, it keeps every hypothesis a real catalogue entry."""
+
+    def __init__(self, answers):
+        self.root, self.ids = {}, {}
+        for i, seq in enumerate(answers):
+            if i == 0:
+                continue  # padding is no answer
+            node = self.root
+            for t in seq:
+                node = node.setdefault(t, {})
+            self.ids[tuple(seq)] = i
+
+    def allowed(self, rows):
+        """For each generated-so-far token list, the tokens that continue it to a catalogue entry."""
+        out = []
+        for row in rows:
+            node = self.root
+            for t in row:
+                node = node[t]
+            out.append(list(node))
+        return out
+
+
+def by_prompt_length(prompts, batch_size):
+    """Batches of example positions whose prompts have equal length (beam search takes equal-length prompts)."""
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for members in groups.values():
+        for j in range(0, len(members), batch_size):
+            yield members[j:j + batch_size]
+
+
+def expand(context, n):
+    """Repeat each example's user context n times (one copy per candidate answer)."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in context.items()}
+
+
+@torch.no_grad()
+def answer_logprobs(llm, idx, context, answers):
+    """Summed log-probability of every candidate answer after each prompt: idx (B, P) -> (B, C). Exact ranking."""
+    B, C, eot = idx.size(0), len(answers), answers[0][-1]
+    L = max(len(a) for a in answers)
+    ans = torch.full((C, L), eot, dtype=torch.long, device=idx.device)
+    tgt = torch.full((C, L), -1, dtype=torch.long, device=idx.device)
+    for c, a in enumerate(answers):
+        ans[c, :len(a)] = torch.tensor(a)
+        tgt[c, :len(a)] = ans[c, :len(a)]
+    inputs = torch.cat([idx.repeat_interleave(C, 0), ans.repeat(B, 1)[:, :-1]], dim=1)  # (B*C, P + L - 1)
+    logits, _ = llm(inputs, **expand(context, C))
+    logp = torch.log_softmax(logits[:, idx.size(1) - 1:].float(), dim=-1)  # (B*C, L, V): the answer positions
+    t = tgt.repeat(B, 1)  # (B*C, L)
+    picked = logp.gather(2, t.clamp(min=0)[..., None])[..., 0] * (t >= 0)
+    return picked.sum(1).view(B, C)
+
+
+@torch.no_grad()
+def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, beam=10, exact=False):
+    """Task metrics of a UserLLM (Sec 4.2): next item -> Recall@1/5/10 from catalogue-constrained beam search (and, with
+    exact=True, from ranking every title by log-likelihood); favourite genre/category -> Recall@1/5/10 by ranking every
+    candidate by log-likelihood; review generation -> ROUGE-1/2/L/Lsum F1 of greedy decoding."""
+    prompts, sums, n = prompter.prompts(targets), {}, 0
+    trie = Trie(prompter.answers) if prompter.task == "next_item" else None
+    for group in by_prompt_length(prompts, batch_size):
+        ids = targets[group]
+        batch = to_device(d.batch(ids, seq_len), device)
+        idx = torch.tensor([prompts[i] for i in group], device=device)
+        context = model.context(batch["hist"])
+        metrics = {}
+        if prompter.task == "review_gen":
+            metrics = rouge(model.llm, idx, context, [d.review(t) for t in ids], prompter)
+        else:
+            label = (batch["fav"] if prompter.task == "fav" else batch["target"][0]).tolist()
+            if trie is not None:
+                hyps = model.llm.beam_search(idx, beam, max(map(len, prompter.answers)), eos=prompter.eot,
+                                             allowed=trie.allowed, **context)
+                ranked = [[trie.ids[tuple(h)] for h, _ in hs] for hs in hyps]
+                metrics.update({f"recall@{k}": np.mean([y in r[:k] for y, r in zip(label, ranked)]) for k in (1, 5, 10)})
+            if trie is None or exact:
+                scores = answer_logprobs(model.llm, idx, context, prompter.answers[1:])  # (B, C) ids 1..C
+                exact_metrics = ranking_metrics(torch.cat([torch.full_like(scores[:, :1], -np.inf), scores], 1),
+                                                torch.tensor(label, device=device))
+                prefix = "exact_" if trie is not None else ""
+                metrics.update({prefix + k: v for k, v in exact_metrics.items()})
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(group)
+        n += len(group)
+    return {k: v / n for k, v in sums.items()}
+
+
+def rouge(llm, idx, context, references, prompter):
+    """Greedy-decode reviews and score them against the user's real reviews with rouge-score (F1, stemmed)."""
+    from rouge_score import rouge_scorer
+    out = llm.generate(idx, prompter.max_answer + 1, eos=prompter.eot, **context)[:, idx.size(1):].tolist()
+    texts = [prompter.tok.decode([t for t in row if t != prompter.eot]) for row in out]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    scores = [scorer.score(ref, hyp) for ref, hyp in zip(references, texts)]
+    return {k: np.mean([s[k].fmeasure for s in scores]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+
+
+def print_table(rows):
+    """rows: {name: {metric: value}} -> an aligned text table."""
+    metrics = list(next(iter(rows.values())))
+    print(f"{'':28s}" + "".join(f"{m:>11s}" for m in metrics))
+    for name, r in rows.items():
+        print(f"{name:28s}" + "".join(f"{r[m]:11.4f}" for m in metrics))
+
+
+def evaluate_encoder_checkpoint(cfg):
+    ckpt = load_checkpoint(cfg.ckpt)
+    tcfg = ckpt["config"]
+    model = make_encoder(EncoderConfig(**ckpt["encoder_config"])).to(cfg.device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    d = UserData(cfg.data_dir or ckpt["dataset"])
+    targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
+    label = label_of(model.cfg)
+    pop = popularity(d, 0 if label == "item" else 1).to(cfg.device)
+    rows = {
+        f"{model.cfg.kind} encoder": evaluate_ranking(model.scores, d, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device),
+        "most popular": evaluate_ranking(lambda h: pop.expand(len(h[0]), -1), d, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device),
+    }
+    what = "next item" if label == "item" else f"favourite {d.features[1]}"
+    print(f"{what}, {cfg.split} split, {len(targets)} examples, full ranking over "
+          f"{d.vocab_sizes[0 if label == 'item' else 1] - 1} candidates")
+    return rows
+
+
+def describe(c):
+    """A results-table name for a train_llm.py run."""
+    if c.fusion == "none":
+        return f"TextPrompt TP{c.text_events} ({c.strategy})"
+    name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
+    name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
+    name += f" +TP{c.text_events}" if c.text_events else ""
+    return name + ("" if c.encoder_ckpt else " random enc")
+
+
+def evaluate_llm_checkpoint(cfg):
+    ckpt = load_checkpoint(cfg.ckpt)
+    tcfg = types.SimpleNamespace(**ckpt["config"])
+    d = UserData(cfg.data_dir or ckpt["dataset"])
+    tok = get_tokenizer(tcfg.llm)
+    model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    prompter = Prompter(d, tok, tcfg.task, tcfg.text_events, tcfg.block_size, tcfg.max_answer_tokens)
+    targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rows = {describe(tcfg): evaluate_llm(model, prompter, d, targets, tcfg.seq_len, cfg.device, cfg.batch_size,
+                                         cfg.beam, cfg.exact)}
+    print(f"{tcfg.task}, {cfg.split} split, {len(targets)} examples" +
+          (f", beam search ({cfg.beam} beams) constrained to the catalogue" if tcfg.task == "next_item" else ""))
+    return rows
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    if not cfg.ckpt:
+        raise SystemExit("eval.py: give a checkpoint, e.g. --ckpt=out/synthetic-enc/best.pt")
+    is_llm = "llm_config" in load_checkpoint(cfg.ckpt)
+    rows = (evaluate_llm_checkpoint if is_llm else evaluate_encoder_checkpoint)(cfg)
+    print_table(rows)
+    out = os.path.join(os.path.dirname(cfg.ckpt), f"eval_{cfg.split}.json")
+    with open(out, "w") as f:
+        json.dump({"checkpoint": cfg.ckpt, "split": cfg.split, "config": vars(cfg), "results": rows}, f, indent=2)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
