@@ -1,0 +1,5 @@
+# ml20m_enc.py with a Perceiver compressing the 50 event embeddings to 16 (Sec 4.5).
+exec(open("configs/ml20m_enc.py").read())
+out_dir = "out/ml20m-perceiver-llm"
+perceiver = True
+n_latents = 16
