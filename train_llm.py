@@ -44,10 +44,10 @@ DEFAULTS = dict(
     **TRAIN_DEFAULTS,
 )
 
-QUERY = {  # the task prompts: short and fixed, so the user context costs no extra text tokens
-    "next_item": "Predict the next item this user will interact with.\nAnswer:",
-    "fav": "Predict this user's favourite {feature}.\nAnswer:",
-    "review_gen": "Write this user's review of {title} (rated {rating}).\nReview:",
+QUERY = {  # the task prompts: short and fixed, so the user context costs no extra text tokens (and bytes stay few)
+    "next_item": "The user's next item:",
+    "fav": "The user's favourite {feature}:",
+    "review_gen": "The user's review of {title}, rated {rating}:",
 }
 
 

@@ -1,0 +1,111 @@
+"""flops.py (paper Table 3, Sec 4.4): the 6ND arithmetic, token counts against an independent count, the FLOP counter
+against 6·params·tokens, and the Perceiver's saving in soft-prompt positions."""
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import flops
+from common import seeded_subset
+from train_llm import DEFAULTS, QUERY, build_model, get_tokenizer
+
+TIKTOKEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "tiktoken"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flops")
+    return data.UserData(data.prepare(data.config(n_users=200, n_items=80, n_genres=5, raw_dir=str(tmp / "raw"),
+                                                  out_dir=str(tmp / "prep"))))
+
+
+def tokenizers():
+    toks = {"bytes": get_tokenizer("scratch")}
+    if TIKTOKEN_DIR.is_dir():
+        toks["gpt2"] = get_tokenizer("gpt2")
+    return toks
+
+
+def tiny(**kw):
+    """A train_llm.py config of a tiny GPT and encoder (N=50 events, 16 latents, as the paper)."""
+    shape = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, enc_n_embd=16, enc_n_layer=1, enc_n_head=2,
+                 enc_feature_dims=(8, 4, 4), seq_len=50, n_latents=16, n_task_tokens=4, strategy="full")
+    return types.SimpleNamespace(**{**DEFAULTS, **shape, **kw})
+
+
+def test_six_nd_reproduces_the_paper():
+    assert [round(flops.six_nd_reduction(t, 32), 1) for t in (700, 1350, 2500)] == [21.9, 42.2, 78.1]
+    assert flops.six_nd(124e6, 1000) == pytest.approx(7.44e11)
+
+
+def test_textprompt_tokens_equal_an_independent_count(small):
+    for name, tok in tokenizers().items():
+        rows = flops.token_table(small, {name: tok}, (5, 50), examples=12, seed=0)
+        targets = seeded_subset(small.targets("test"), 12, 0)
+        for row in rows:
+            mine = [len(tok.encode_ordinary(f"History: {small.history_text(t, row['N'])}\n" + QUERY["next_item"]))
+                    for t in targets]
+            assert row["textprompt_mean"] == pytest.approx(np.mean(mine)) and row["textprompt_max"] == max(mine)
+            assert row["userllm"] == len(tok.encode_ordinary(QUERY["next_item"])) == row["userllm_max"]
+            assert row["events"] == pytest.approx(np.mean([min(row["N"], t - small.offsets[small.user_of(t)])
+                                                           for t in targets]))
+
+
+def test_textprompt_tokens_grow_with_n_while_user_llm_stays(small):
+    rows = flops.token_table(small, tokenizers(), (50, 100, 200), examples=50, seed=0)
+    for name in tokenizers():
+        mine = [r for r in rows if r["tokenizer"] == name]
+        tp = [r["textprompt_mean"] for r in mine]
+        assert tp[0] < tp[1] < tp[2]  # the small dataset's users have up to ~120 events: TP200 shows more than TP100
+        assert len({r["userllm"] for r in mine}) == 1 and mine[0]["userllm"] < tp[0] / 10
+    nd = flops.six_nd_table(rows)
+    assert [round(r["paper_reduction"], 1) for r in nd[:3]] == [21.9, 42.2, 78.1]
+    assert all(r["ours_reduction"] == pytest.approx(t["textprompt_mean"] / t["userllm"]) for r, t in zip(nd, rows))
+
+
+def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
+    """Tolerance 10% against 6·N·D with N = every GPT parameter: the counter also counts the attention scores (QK^T
+    and AV: 4·L·T·C per token forward, 10·L·T·C backward as the counter's formula recomputes the scores; 4% here), which
+    6N leaves out, and N includes biases, LayerNorms and position embeddings that do no matmul (5% here).
+    Exactly: 6 x matmul weights x tokens + the attention term."""
+    tok = get_tokenizer("scratch")
+    model = build_model(tiny(fusion="none"), small, tok)
+    gpt, c = model.llm, model.llm.config
+    B, T = 4, 16
+    torch.manual_seed(0)
+    idx = torch.randint(0, c.vocab_size, (B, T))
+    batch = dict(idx=idx, targets=idx, hist=small.batch(small.targets("test")[:B], 50)["hist"])
+    total, user = flops.count_flops(model, batch)
+    assert user == 0  # TextPrompt has no user side
+    matmul_weights = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd  # blocks + the (tied) lm_head
+    attention = 14 * c.n_layer * B * T * T * c.n_embd
+    assert total == pytest.approx(flops.six_nd(matmul_weights, B * T) + attention, rel=1e-3)
+    assert total == pytest.approx(flops.six_nd(gpt.num_params(), B * T), rel=0.10)
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
+
+
+@pytest.mark.parametrize("fusion", ["soft_prompt", "xattn"])
+def test_perceiver_cuts_user_positions_from_50_to_16(small, fusion):
+    tok = get_tokenizer("scratch")
+    hist = small.batch(small.targets("test")[:3], 50)["hist"]
+    without = flops.user_positions(build_model(tiny(fusion=fusion), small, tok), hist)
+    with_p = flops.user_positions(build_model(tiny(fusion=fusion, perceiver=True), small, tok), hist)
+    if fusion == "soft_prompt":
+        assert (without, with_p) == ((4 + 50, 50), (4 + 16, 16))
+    else:
+        assert (without, with_p) == ((0, 50), (0, 16))
+
+
+def test_cost_table_counts_the_user_side_and_textprompt_costs_more(small):
+    cfg = types.SimpleNamespace(**{**flops.DEFAULTS, "n_layer": 1, "n_embd": 32, "n_head": 2, "enc_n_embd": 16,
+                                   "enc_n_layer": 1, "enc_n_head": 2, "enc_feature_dims": (8, 4, 4), "n_latents": 4,
+                                   "seq_len": 10, "batch_size": 2, "steps": 1, "gen_examples": 1})
+    rows = {r["variant"]: r for r in flops.cost_table(cfg, small, get_tokenizer("scratch"))}
+    tp, xattn, sp = rows["TextPrompt TP10"], rows["User-LLM xattn"], rows["User-LLM soft prompt + Perceiver"]
+    assert tp["user_gflops"] == 0 and xattn["user_gflops"] > 0 and sp["user_gflops"] > xattn["user_gflops"]
+    assert tp["T"] > 5 * xattn["T"] and tp["gflops"] > xattn["gflops"] and (sp["P"], sp["M"]) == (4 + 4, 4)
+    assert all(r["gflops"] == pytest.approx(r["llm_gflops"] + r["user_gflops"]) and r["ms_step"] > 0
+               and r["ms_answer"] > 0 for r in rows.values())
