@@ -154,14 +154,14 @@ def seeded_subset(targets, n, seed):
 
 @torch.no_grad()
 def evaluate_loss(model, make_batch, targets, ctx, batch_size=64):
-    """Mean answer-token loss of a UserLLM over `targets` (this rank's shard), reduced over ranks; neg_loss selects."""
+    """Mean answer-token loss of a UserLLM over `targets` (this rank's shard), reduced over ranks."""
     total, n = 0.0, 0
     for i in range(0, len(targets), batch_size):
         ids = targets[i:i + batch_size]
         total += model(make_batch(ids)).item() * len(ids)
         n += len(ids)
     total, n = all_reduce_sum([total, n], ctx)
-    return {"loss": total / max(n, 1), "neg_loss": -total / max(n, 1)}
+    return {"loss": total / max(n, 1)}
 
 
 def cleanup_distributed(ctx):
@@ -201,13 +201,17 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
 
 
-def adamw(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW with decoupled weight decay on matrices only (not on biases, LayerNorms, gates)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)  # foreach=False: bit-identical resume on CPU
+def adamw(model, lr, weight_decay, betas=(0.9, 0.95), lr_mult=None):
+    """AdamW with decoupled weight decay on matrices only (not on biases, LayerNorms, gates). lr_mult: {name part:
+    multiplier} gives the parameters whose name contains it their own learning rate, lr_mult x the schedule's."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            mult = next((m for part, m in (lr_mult or {}).items() if part in name), 1.0)
+            decay = weight_decay if p.dim() >= 2 else 0.0
+            groups.setdefault((decay, mult), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_mult": m} for (wd, m), ps in groups.items()],
+                             lr=lr, betas=betas, foreach=False)  # foreach=False: bit-identical resume on CPU
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,13 +240,14 @@ def micro_batch_targets(global_targets, ctx, grad_accum):
 def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, checkpoint_extra, units_per_example=1):
     """Run the loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
     make_batch(ids) -> a batch on ctx.device; evaluate(raw_model) -> dict of metrics (all ranks take part, reduced);
-    select: the validation metric that picks the best checkpoint (higher is better); checkpoint_extra(): what the
-    caller stores beside the weights (model config, ...). Returns the final metrics."""
+    select: the validation metric that picks the best checkpoint, higher is better ('-loss': lower loss is better);
+    checkpoint_extra() -> what the caller stores beside the weights (model config, ...). Returns the final metrics."""
     from tqdm import tqdm
 
     raw_model = model
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    step, best, last_path, best_path = 0, -math.inf, os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    last_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    step, best = 0, -math.inf  # best: the selection score, higher is better
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(last_path, map_location=ctx.device)
         raw_model.load_state_dict(ckpt["model"])
@@ -277,14 +282,14 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
     while True:
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             raw_model.eval()
             with torch.no_grad(), ctx.autocast():
                 metrics = evaluate(raw_model)
             raw_model.train()
-            improved = metrics[select] > best
-            best = max(best, metrics[select])
+            score = -metrics[select[1:]] if select.startswith("-") else metrics[select]
+            improved, best = score > best, max(best, score)
             if ctx.master:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}) + "\n")
@@ -325,6 +330,8 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
             log.flush()
             t0, t0_step = time.time(), step
     bar.close()
-    if log:
+    if ctx.master:
         log.close()
+        print(f"done: best validation {select.lstrip('-')} {abs(best):.4f}; checkpoints {best_path} (best), "
+              f"{last_path} (last)")
     return metrics

@@ -757,13 +757,20 @@ def generate_synthetic(raw_dir, n_users, n_items, n_genres, min_len, max_len, p_
     return world, oracle_pref, names
 
 
+GENRE_WORDS = ['Fist', 'Quest', 'Cartoon', 'Puppy', 'Heist', 'Truth', 'Wizard', 'Shadow', 'Scream', 'Melody', 'Secret',
+               'Kiss', 'Robot', 'Fear', 'Battle', 'Frontier', 'Saga', 'Nebula', 'Tears', 'Laugh']
+
+
 def _write_movies_csv(path, world, names, rng):
-    """Titles like MovieLens ('Quiet Storm, The (1994)' needs quoting); the planted genre plus broad extra genres."""
+    """Titles like MovieLens ('Quiet Storm, The (1994)' needs quoting); the planted genre plus broad extra genres.
+    A title's first word names its planted genre (as real titles hint at theirs), so a language model that knows the
+    user's taste can begin the right titles; the second word is random and the number makes each title unique."""
     words = ['Quiet', 'Storm', 'Last', 'River', 'Night', 'Heart', 'Iron', 'Summer', 'Ghost', 'City', 'Dream', 'Road']
     rows, titles = [], []
     for i, g in enumerate(world.item_genre):
         w = rng.choice(words, 2, replace=False)
-        title = f"{w[0]} {w[1]} {i + 1}{', The' if i % 5 == 0 else ''} ({1950 + i % 70})"
+        first = GENRE_WORDS[g % len(GENRE_WORDS)]
+        title = f"{first} {w[0]} {i + 1}{', The' if i % 5 == 0 else ''} ({1950 + i % 70})"
         extra = [] if i % 10 == 9 else [BROAD[i % 2]]  # ~40% of items each: more than any planted genre
         gs = extra + [names[g]] if i % 2 else [names[g]] + extra  # the planted genre is not always listed first
         rows.append((i + 1, title, '|'.join(gs)))

@@ -1,13 +1,18 @@
 """
-Evaluation (paper Sec 4, Tables 2 and 12): next-item Recall@1/5/10 and NDCG@10 by full ranking of the whole catalogue,
-for a pretrained encoder (AR, Bert4Rec, DualEnc) and for the most-popular baseline; favourite genre/category
-Recall@1/5/10 for a DualEnc trained on it.
+Evaluation (paper Sec 4, Tables 2, 5-8): the test split, once, from a checkpoint chosen on validation.
 
-    python eval.py --ckpt=out/synthetic-enc/best.pt                  # test split; prints a table, writes JSON beside it
+    python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10 (+ most popular)
+    python eval.py --ckpt=out/synthetic-llm/best.pt     # a User-LLM / TextPrompt model: its task's metrics
+    (--max_examples=K: a seeded subset; --exact=True: also rank every title by log-likelihood; --beam=10)
 
-Protocol: every example of the split (each user's last event for 'test'), scored against every item id of the catalogue
-(padding excluded). Nothing is filtered: items already in the history stay in the ranking. Ties count against the
-target (its rank is 1 + the number of items scoring >= it, itself excluded), so a constant scorer gets no credit.
+Encoders (Table 2): every example is scored against every item of the catalogue (padding excluded). Nothing is
+filtered: items already in the history stay in the ranking. Ties count against the target (its rank is 1 + the number
+of other items scoring >= it), so a constant scorer gets no credit. A DualEnc trained on the favourite genre/category
+is ranked over all genres/categories.
+LLMs (Sec 4.2): next item -> beam search constrained to the catalogue by a prefix trie over the tokenized titles
+(each ended by end-of-text), ranked by summed log-probability, no length normalisation; favourite genre/category ->
+every candidate ranked by log-likelihood; review generation -> greedy decoding scored by rouge-score (F1).
+Prints a table and writes eval_<split>.json beside the checkpoint.
 """
 import json
 import os
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from common import all_reduce_sum, configure, load_checkpoint, seeded_subset, to_device
+import data
 from data import UserData
 from encoder import EncoderConfig, make_encoder
 from train_llm import Prompter, build_model, get_tokenizer
@@ -174,12 +180,27 @@ def rouge(llm, idx, context, references, prompter):
     return {k: np.mean([s[k].fmeasure for s in scores]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
 
 
+def reference_rows(d, split, targets, seq_len, label, batch_size, device):
+    """What a result is measured against: most popular (training counts) and, on the synthetic default, the oracle's
+    expected Recall@K (the true next-item distribution, the user's hidden taste included: nothing can beat it)."""
+    pop = popularity(d, 0 if label == "item" else 1).to(device)
+    rows = {"most popular": evaluate_ranking(lambda h: pop.expand(len(h[0]), -1), d, targets, seq_len, label,
+                                             batch_size, device)}
+    if d.meta["dataset"] == "synthetic" and label == "item" and split in ("val", "test"):
+        probs, _ = data.synthetic_oracle(d, split)
+        top = -np.sort(-probs[np.searchsorted(d.targets(split), targets)], axis=1)  # (B, V) true probabilities, sorted
+        rows["oracle (expected)"] = {f"recall@{k}": float(top[:, :k].sum(1).mean()) for k in (1, 5, 10)}
+    return rows
+
+
 def print_table(rows):
-    """rows: {name: {metric: value}} -> an aligned text table."""
+    """rows: {name: {metric: value}} -> an aligned text table (a metric a row lacks is left blank)."""
     metrics = list(next(iter(rows.values())))
-    print(f"{'':28s}" + "".join(f"{m:>11s}" for m in metrics))
+    width = max(len(name) for name in rows) + 2
+    print(" " * width + "".join(f"{m:>{max(11, len(m) + 2)}s}" for m in metrics))
     for name, r in rows.items():
-        print(f"{name:28s}" + "".join(f"{r[m]:11.4f}" for m in metrics))
+        print(f"{name:{width}s}" + "".join(f"{r[m]:{max(11, len(m) + 2)}.4f}" if m in r else " " * max(11, len(m) + 2)
+                                          for m in metrics))
 
 
 def evaluate_encoder_checkpoint(cfg):
@@ -191,11 +212,9 @@ def evaluate_encoder_checkpoint(cfg):
     d = UserData(cfg.data_dir or ckpt["dataset"])
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
     label = label_of(model.cfg)
-    pop = popularity(d, 0 if label == "item" else 1).to(cfg.device)
-    rows = {
-        f"{model.cfg.kind} encoder": evaluate_ranking(model.scores, d, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device),
-        "most popular": evaluate_ranking(lambda h: pop.expand(len(h[0]), -1), d, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device),
-    }
+    rows = {f"{model.cfg.kind} encoder": evaluate_ranking(model.scores, d, targets, tcfg["seq_len"], label,
+                                                           cfg.batch_size, cfg.device)}
+    rows.update(reference_rows(d, cfg.split, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device))
     what = "next item" if label == "item" else f"favourite {d.features[1]}"
     print(f"{what}, {cfg.split} split, {len(targets)} examples, full ranking over "
           f"{d.vocab_sizes[0 if label == 'item' else 1] - 1} candidates")
@@ -225,6 +244,9 @@ def evaluate_llm_checkpoint(cfg):
     torch.manual_seed(cfg.seed)
     rows = {describe(tcfg): evaluate_llm(model, prompter, d, targets, tcfg.seq_len, cfg.device, cfg.batch_size,
                                          cfg.beam, cfg.exact)}
+    if tcfg.task != "review_gen":
+        rows.update(reference_rows(d, cfg.split, targets, tcfg.seq_len, "item" if tcfg.task == "next_item" else "fav",
+                                   cfg.batch_size, cfg.device))
     print(f"{tcfg.task}, {cfg.split} split, {len(targets)} examples" +
           (f", beam search ({cfg.beam} beams) constrained to the catalogue" if tcfg.task == "next_item" else ""))
     return rows

@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import train_llm
-from common import adamw, configure, seeded_subset
+from common import adamw, configure, seeded_subset, to_device
 from data import UserData, batch_targets
 from model import GPT2_NAMES
 from train_llm import QUERY, Prompter, build_model, get_tokenizer
@@ -51,7 +51,8 @@ DEFAULTS = dict(
     out="out/flops.json", llm="scratch", random_weights=False,  # random_weights: a GPT-2-shaped model, no download
     strategy="full",  # what trains in table 3 (6ND assumes all LLM weights train); TextPrompt: 'full' for enc/proj
     batch_size=8, steps=3, gen_examples=3,  # table 3: one training batch, timed steps (+1 warmup), answers timed
-    threads=0, seed=1337,  # threads 0: every core this process may use (on a busy machine 1 times more steadily)
+    threads=0, seed=1337,
+    encoder="",  # a train_encoder.py config: print only table 4, that encoder's training throughput  # threads 0: every core this process may use (on a busy machine 1 times more steadily)
     **{k: DEMO[k] for k in SHAPE_KEYS},
 )
 GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
@@ -229,6 +230,33 @@ def cost_table(cfg, d, tok):
 
 # ----------------------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. encoder pretraining throughput (train_encoder.py; issue benchmark)
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU; other devices: no MFU shown
+
+
+def encoder_table(config_path, d, batch_size, steps, device):
+    """Events/s and achieved FLOP/s of one training step (forward, backward, AdamW) of a train_encoder.py config's
+    encoder on dataset d; MFU against the device's peak where it is known."""
+    import train_encoder
+    from encoder import make_encoder
+    c = configure(train_encoder.DEFAULTS, [config_path])
+    model = make_encoder(train_encoder.encoder_config(c, d)).to(device)
+    ids = seeded_subset(d.targets("train"), batch_size, 0)
+    batch = to_device(d.batch(ids, c.seq_len), device)
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        model(batch).backward()
+    model.zero_grad(set_to_none=True)
+    ms = time_train_step(model, batch, steps)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    achieved = counter.get_total_flops() / (ms / 1000)
+    return [dict(config=os.path.basename(config_path), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                 batch=len(ids), N=c.seq_len, ms_step=ms, events_per_s=len(ids) * c.seq_len / (ms / 1000),
+                 gflops_per_s=achieved / 1e9, device=name, mfu=f"{100 * achieved / peak:.1f}%" if peak else "n/a")]
+
+
 def print_table(title, rows, columns):
     """columns: (header, key, format). A None value prints as '-'."""
     cells = [[h for h, _, _ in columns]] + [["-" if r[k] is None else format(r[k], f) for _, k, f in columns]
@@ -254,6 +282,14 @@ def main(argv):
     cfg = configure(DEFAULTS, argv)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
+    if cfg.encoder:  # only the encoder benchmark
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rows = encoder_table(cfg.encoder, d, cfg.batch_size, cfg.steps, device)
+        print_table(f"4. encoder training step (forward, backward, AdamW), data {d.path}", rows,
+                    [("config", "config", ""), ("params (M)", "params_m", ".2f"), ("batch", "batch", "d"),
+                     ("N", "N", "d"), ("ms/step", "ms_step", ".0f"), ("events/s", "events_per_s", ",.0f"),
+                     ("GFLOP/s", "gflops_per_s", ".1f"), ("device", "device", ""), ("MFU", "mfu", "")])
+        return rows
     shape = llm_config(cfg)  # checks llm / random_weights
     tok = get_tokenizer(cfg.llm)  # fails early, with its one-line message, before any table
     print(f"query: {QUERY['next_item']!r}; data {d.path}; torch threads {torch.get_num_threads()}")

@@ -29,17 +29,22 @@ DEFAULTS = dict(
 )
 
 
+def encoder_config(cfg, d):
+    """The EncoderConfig a train_encoder.py config describes, on dataset d (its vocabularies)."""
+    try:
+        return EncoderConfig(vocab_sizes=tuple(d.vocab_sizes), feature_dims=cfg.feature_dims, n_embd=cfg.n_embd,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.seq_len + 1, dropout=cfg.dropout,
+                             loss_weights=cfg.loss_weights, kind=cfg.kind, mask_prob=cfg.mask_prob,
+                             n_user_embs=cfg.n_user_embs, label_task=cfg.label_task)
+    except ValueError as e:  # a bad value in the config: one line, no traceback
+        raise SystemExit(f"config: {e}")
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
-    try:
-        enc_cfg = EncoderConfig(vocab_sizes=tuple(d.vocab_sizes), feature_dims=cfg.feature_dims, n_embd=cfg.n_embd,
-                                n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.seq_len + 1, dropout=cfg.dropout,
-                                loss_weights=cfg.loss_weights, kind=cfg.kind, mask_prob=cfg.mask_prob,
-                                n_user_embs=cfg.n_user_embs, label_task=cfg.label_task)
-    except ValueError as e:  # a bad value in the config: one line, no traceback
-        raise SystemExit(f"config: {e}")
+    enc_cfg = encoder_config(cfg, d)
     model = make_encoder(enc_cfg).to(ctx.device)
     if ctx.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -47,7 +52,7 @@ def main(argv):
         print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; config: {vars(cfg)}")
     train_targets = d.targets("train", cfg.min_history)
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)[ctx.rank::ctx.world_size]
-    metrics = train(
+    train(
         cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2)),
         global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
         make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
@@ -57,8 +62,6 @@ def main(argv):
         checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(enc_cfg), "dataset": str(d.path)},
         units_per_example=cfg.seq_len,
     )
-    if ctx.master:
-        print(f"done: validation {metrics}; best checkpoint {os.path.join(cfg.out_dir, 'best.pt')}")
     cleanup_distributed(ctx)
 
 

@@ -1,22 +1,7 @@
-# Google Local Review New York encoder pretraining (paper Sec 4.1, App. C): item/category/rating features, N = 50 events.
+# Google Local Review New York encoder pretraining (paper Sec 4.1, App. C): item/category/rating features, N = 50.
 # python data.py --dataset=google_ny --download=True && torchrun --nproc_per_node=8 train_encoder.py configs/google.py
-# The optimisation values follow App. C's form (AdamW, cosine decay, warmup); the exact numbers are ours, chosen for a
-# single 8-GPU node, and not yet checked against the paper's tables.
+# The MovieLens encoder's shape and optimisation (configs/ml20m.py), on Google's data and for fewer steps.
+exec(open("configs/ml20m.py").read())
 out_dir = "out/google-enc"
 dataset = "google_ny"
-seq_len = 50
-kind = "ar"
-feature_dims = (256, 32, 32)
-n_embd = 256
-n_layer = 4
-n_head = 8
-dropout = 0.1
-batch_size = 1024
-grad_accum = 8
 max_steps = 20000
-warmup_steps = 1000
-lr = 1e-3
-min_lr = 1e-4
-weight_decay = 0.1
-eval_interval = 1000
-eval_examples = 20000

@@ -8,3 +8,22 @@ TIKTOKEN_DIR = ROOT.parent / "shared" / "tiktoken"
 sys.path.insert(0, str(ROOT))
 if TIKTOKEN_DIR.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_DIR))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The embedded default, exactly as `python data.py` writes it (seconds)."""
+    import data
+    tmp = tmp_path_factory.mktemp("synthetic")
+    return data.prepare(data.config(raw_dir=str(tmp / "raw"), out_dir=str(tmp / "prep")))
+
+
+@pytest.fixture(scope="session")
+def pretrained_encoder(synthetic, tmp_path_factory):
+    """The demo's AR encoder, pretrained by configs/synthetic_enc.py (a few minutes; shared by the slow tests)."""
+    import train_encoder
+    out = tmp_path_factory.mktemp("encoder")
+    train_encoder.main([str(ROOT / "configs" / "synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={out}"])
+    return out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import Context, configure, get_lr, load_checkpoint, micro_batch_targets, save_checkpoint
+from common import Context, adamw, configure, get_lr, load_checkpoint, micro_batch_targets, save_checkpoint
 
 DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
 
@@ -72,3 +72,14 @@ def test_micro_batches_do_not_depend_on_world_size():
     assert [c.tolist() for c in two[0]] == [[0, 1, 2], [6, 7, 8]] and [c.tolist() for c in two[1]] == [[3, 4, 5], [9, 10, 11]]
     with pytest.raises(SystemExit, match="multiple of the world size"):
         micro_batch_targets(ids, Context(0, 0, 2, torch.device("cpu"), torch.float32), 3)
+
+
+def test_adamw_groups_and_lr_multipliers():
+    """Matrices decay, vectors don't; lr_mult gives named parameters their own learning rate under the schedule."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.register_parameter("gate_attn", torch.nn.Parameter(torch.zeros(1)))
+    opt = adamw(model, 0.5, 0.1, lr_mult={"gate_": 10.0})
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(model[0].weight)]["weight_decay"] == 0.1 and by_param[id(model[0].bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.gate_attn)]["lr_mult"] == 10.0 and by_param[id(model[1].weight)]["lr_mult"] == 1.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == 5

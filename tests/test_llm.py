@@ -134,19 +134,14 @@ def test_ranking_metrics_against_brute_force():
 
 
 @pytest.mark.slow
-def test_user_llm_beats_the_llm_without_user_context(tmp_path):
-    """On the synthetic default, cross-attention to a pretrained encoder's embeddings predicts the next item far better
-    than the same GPT trained on the same prompts without them."""
-    prep = data.prepare(data.config(raw_dir=str(tmp_path / "raw"), out_dir=str(tmp_path / "prep")))
-    import train_encoder
-    train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={prep}", f"--out_dir={tmp_path / 'enc'}",
-                        "--max_steps=300", "--eval_interval=300"])
-    common = [os.path.join(ROOT, "configs/synthetic_llm.py"), f"--data_dir={prep}", "--max_steps=150",
-              "--eval_interval=150", "--eval_examples=200"]
-    train_llm.main(common + [f"--out_dir={tmp_path / 'user'}", f"--encoder_ckpt={tmp_path / 'enc' / 'best.pt'}"])
-    train_llm.main(common + [f"--out_dir={tmp_path / 'none'}", "--fusion=none", "--strategy=full"])
-    args = [f"--data_dir={prep}", "--max_examples=200"]
-    user = evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args])
-    none = evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args])
-    (u,), (n,) = user.values(), none.values()
-    assert u["recall@10"] > 2 * n["recall@10"] and u["recall@10"] > 0.2, (u, n)
+def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encoder, tmp_path):
+    """On the synthetic default, the demo's User-LLM (cross-attention to the pretrained encoder) predicts the next item
+    far better than the same GPT trained the same way on the same prompts without user embeddings."""
+    common = [os.path.join(ROOT, "configs/synthetic_llm.py"), f"--data_dir={synthetic}", "--max_steps=400",
+              "--eval_interval=400", "--eval_examples=200"]
+    train_llm.main(common + [f"--out_dir={tmp_path / 'user'}", f"--encoder_ckpt={pretrained_encoder / 'best.pt'}"])
+    train_llm.main(common + [f"--out_dir={tmp_path / 'none'}", "--fusion=none"])
+    args = [f"--data_dir={synthetic}", "--max_examples=400"]
+    (user,) = evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()
+    (none,) = evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()
+    assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.1, (user, none)

@@ -97,22 +97,14 @@ def test_config_typo_fails_naming_the_key(small):
         train_encoder.main([f"--data_dir={small}", "--kind=gru", "--max_steps=0"])
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """The embedded default, as `python data.py` writes it."""
-    tmp = tmp_path_factory.mktemp("synthetic")
-    return data.prepare(data.config(raw_dir=str(tmp / "raw"), out_dir=str(tmp / "prep")))
-
-
 def evaluate(out_dir, data_dir):
     return evaluation.main([f"--ckpt={out_dir}/best.pt", f"--data_dir={data_dir}"])
 
 
 @pytest.mark.slow
-def test_ar_encoder_approaches_the_oracle(synthetic, tmp_path):
+def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
     """Sec 3.1's encoder on data with a known answer: >= 80% of the oracle's test Recall@10, far above most-popular."""
-    train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={tmp_path}"])
-    rows = evaluate(tmp_path, synthetic)
+    rows = evaluate(pretrained_encoder, synthetic)
     oracle = data.oracle_recall(data.UserData(synthetic), "test", 10)
     model, popular = rows["ar encoder"]["recall@10"], rows["most popular"]["recall@10"]
     assert model >= 0.8 * oracle, (model, oracle)
@@ -123,6 +115,6 @@ def test_ar_encoder_approaches_the_oracle(synthetic, tmp_path):
 @pytest.mark.parametrize("kind", ["bert4rec", "dual"])
 def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind):
     train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={tmp_path}",
-                        f"--kind={kind}", "--max_steps=200", "--eval_interval=100"])
+                        f"--kind={kind}", "--max_steps=120", "--eval_interval=120", "--eval_examples=500"])
     rows = evaluate(tmp_path, synthetic)
     assert rows[f"{kind} encoder"]["recall@10"] > 2 * rows["most popular"]["recall@10"]
