@@ -142,6 +142,6 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
     train_llm.main(common + [f"--out_dir={tmp_path / 'user'}", f"--encoder_ckpt={pretrained_encoder / 'best.pt'}"])
     train_llm.main(common + [f"--out_dir={tmp_path / 'none'}", "--fusion=none"])
     args = [f"--data_dir={synthetic}", "--max_examples=400"]
-    (user,) = evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()
-    (none,) = evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()
+    user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))  # the model's row
+    none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()))
     assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.1, (user, none)
