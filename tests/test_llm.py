@@ -145,3 +145,17 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
     user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))  # the model's row
     none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()))
     assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.1, (user, none)
+
+
+def test_dual_encoder_cross_attention(small):
+    """DualEnc-Xatten (Table 5): the LLM cross-attends to the Dual Encoder's K user embeddings instead of N events."""
+    tok = get_tokenizer("scratch")
+    enc = dict(vocab_sizes=small.vocab_sizes, feature_dims=(8, 4, 4), n_embd=16, n_layer=1, n_head=2, block_size=11,
+               kind="dual", n_user_embs=3)
+    m = build_model(tiny(strategy="enc"), small, tok, enc_cfg=enc)
+    targets = small.targets("val")[:4]
+    batch = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
+    assert m.context(batch["hist"])["user"].shape == (4, 3, 16)
+    loss = m(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and m.encoder.user_proj.weight.grad is not None

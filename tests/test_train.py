@@ -112,7 +112,7 @@ def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,steps", [("bert4rec", 200), ("dual", 300)])
+@pytest.mark.parametrize("kind,steps", [("bert4rec", 200), ("dual", 400)])
 def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind, steps):
     """The paper's baseline encoders (Table 2) learn too: a short run already beats most-popular clearly."""
     train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={tmp_path}",
