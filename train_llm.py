@@ -119,7 +119,7 @@ class Prompter:
 
 
 class UserLLM(nn.Module):
-    """encoder -> [Perceiver] -> fusion -> GPT. forward(batch) -> the answer-token loss."""
+    """encoder -> [Perceiver] -> fusion -> GPT (encoder None for TextPrompt). forward(batch) -> the answer-token loss."""
 
     def __init__(self, encoder, llm, fusion, perceiver=None, soft_prompt=None):
         super().__init__()
@@ -176,8 +176,8 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
     llm_cfg), so nothing is loaded that the checkpoint's weights would overwrite."""
     if cfg.fusion not in ("xattn", "soft_prompt", "none"):
         raise SystemExit(f"config: fusion must be xattn, soft_prompt or none, got '{cfg.fusion}'")
-    encoder = build_encoder(cfg, d, enc_cfg)
-    d_user = encoder.cfg.n_embd
+    encoder = build_encoder(cfg, d, enc_cfg) if cfg.fusion != "none" else None  # TextPrompt has no user encoder
+    d_user = encoder.cfg.n_embd if encoder is not None else 0
     fusion = dict(d_user=d_user if cfg.fusion == "xattn" else 0, xattn_every=cfg.xattn_every, xattn_dim=cfg.xattn_dim,
                   lora_rank=cfg.lora_rank if cfg.strategy == "lora" else 0, lora_alpha=cfg.lora_alpha,
                   lora_mlp=cfg.lora_mlp, dropout=cfg.dropout)
@@ -226,7 +226,7 @@ def main(argv):
     train(cfg, ctx, model, optimizer,
           global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
           make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx), select="-loss",
-          checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(model.encoder.cfg),
+          checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
                                     "llm_config": dataclasses.asdict(model.llm.config), "dataset": str(d.path)})
     cleanup_distributed(ctx)
 

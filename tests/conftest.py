@@ -22,8 +22,10 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_encoder(synthetic, tmp_path_factory):
-    """The demo's AR encoder, pretrained by configs/synthetic_enc.py (a few minutes; shared by the slow tests)."""
+    """The demo's AR encoder (configs/synthetic_enc.py), pretrained for 450 of its 600 steps to keep the suite short
+    (about 2 minutes; shared by the slow tests)."""
     import train_encoder
     out = tmp_path_factory.mktemp("encoder")
-    train_encoder.main([str(ROOT / "configs" / "synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={out}"])
+    train_encoder.main([str(ROOT / "configs" / "synthetic_enc.py"), f"--data_dir={synthetic}", f"--out_dir={out}",
+                        "--max_steps=450", "--eval_interval=450"])
     return out

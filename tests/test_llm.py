@@ -56,9 +56,9 @@ def test_each_strategy_trains_exactly_its_parameters(small, fusion):
 
 def test_textprompt_has_no_user_layers_and_refuses_enc(small):
     tok = get_tokenizer("scratch")
-    m = build_model(tiny(fusion="none", strategy="full", text_events=5), small, tok)
-    assert len(m.llm.xattn) == 0 and m.soft_prompt is None and m.perceiver is None
-    assert trained(m) == count(m.llm)  # the unused encoder is frozen, never trained
+    m = build_model(tiny(fusion="none", strategy="full", text_events=5, encoder_ckpt="missing.pt"), small, tok)
+    assert len(m.llm.xattn) == 0 and m.soft_prompt is None and m.perceiver is None and m.encoder is None
+    assert trained(m) == count(m) == count(m.llm)
     with pytest.raises(SystemExit, match="fusion='none'"):
         build_model(tiny(fusion="none", strategy="enc"), small, tok)
 
@@ -141,7 +141,7 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
               "--eval_interval=400", "--eval_examples=200"]
     train_llm.main(common + [f"--out_dir={tmp_path / 'user'}", f"--encoder_ckpt={pretrained_encoder / 'best.pt'}"])
     train_llm.main(common + [f"--out_dir={tmp_path / 'none'}", "--fusion=none"])
-    args = [f"--data_dir={synthetic}", "--max_examples=400"]
+    args = [f"--data_dir={synthetic}", "--max_examples=300"]
     user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))  # the model's row
     none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()))
     assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.1, (user, none)
