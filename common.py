@@ -201,6 +201,14 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
 
 
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with a checkpoint that does not fit the model reported in one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"{path} does not fit this model: {str(e).splitlines()[1].strip()[:300]}")
+
+
 def adamw(model, lr, weight_decay, betas=(0.9, 0.95), lr_mult=None):
     """AdamW with decoupled weight decay on matrices only (not on biases, LayerNorms, gates). lr_mult: {name part:
     multiplier} gives the parameters whose name contains it their own learning rate, lr_mult x the schedule's."""
@@ -250,7 +258,7 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
     step, best = 0, -math.inf  # best: the selection score, higher is better
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(last_path, map_location=ctx.device)
-        raw_model.load_state_dict(ckpt["model"])
+        load_weights(raw_model, ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best = ckpt["step"], ckpt["best"]

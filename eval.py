@@ -22,7 +22,7 @@ import types
 import numpy as np
 import torch
 
-from common import all_reduce_sum, configure, load_checkpoint, seeded_subset, to_device
+from common import all_reduce_sum, configure, load_checkpoint, load_weights, seeded_subset, to_device
 import data
 from data import UserData
 from encoder import EncoderConfig, make_encoder
@@ -203,11 +203,10 @@ def print_table(rows):
                                           for m in metrics))
 
 
-def evaluate_encoder_checkpoint(cfg):
-    ckpt = load_checkpoint(cfg.ckpt)
+def evaluate_encoder_checkpoint(cfg, ckpt):
     tcfg = ckpt["config"]
     model = make_encoder(EncoderConfig(**ckpt["encoder_config"])).to(cfg.device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], cfg.ckpt)
     model.eval()
     d = UserData(cfg.data_dir or ckpt["dataset"])
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
@@ -231,13 +230,12 @@ def describe(c):
     return name + ("" if c.encoder_ckpt else " random enc")
 
 
-def evaluate_llm_checkpoint(cfg):
-    ckpt = load_checkpoint(cfg.ckpt)
+def evaluate_llm_checkpoint(cfg, ckpt):
     tcfg = types.SimpleNamespace(**ckpt["config"])
     d = UserData(cfg.data_dir or ckpt["dataset"])
     tok = get_tokenizer(tcfg.llm)
     model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], cfg.ckpt)
     model.eval()
     prompter = Prompter(d, tok, tcfg.task, tcfg.text_events, tcfg.block_size, tcfg.max_answer_tokens)
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
@@ -256,8 +254,8 @@ def main(argv):
     cfg = configure(DEFAULTS, argv)
     if not cfg.ckpt:
         raise SystemExit("eval.py: give a checkpoint, e.g. --ckpt=out/synthetic-enc/best.pt")
-    is_llm = "llm_config" in load_checkpoint(cfg.ckpt)
-    rows = (evaluate_llm_checkpoint if is_llm else evaluate_encoder_checkpoint)(cfg)
+    ckpt = load_checkpoint(cfg.ckpt)
+    rows = (evaluate_llm_checkpoint if "llm_config" in ckpt else evaluate_encoder_checkpoint)(cfg, ckpt)
     print_table(rows)
     out = os.path.join(os.path.dirname(cfg.ckpt), f"eval_{cfg.split}.json")
     with open(out, "w") as f:

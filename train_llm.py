@@ -21,8 +21,8 @@ import tiktoken
 import torch
 import torch.nn as nn
 
-from common import (TRAIN_DEFAULTS, adamw, cleanup_distributed, configure, evaluate_loss, load_checkpoint, save_config,
-                    seeded_subset, setup_distributed, to_device, train)
+from common import (TRAIN_DEFAULTS, adamw, cleanup_distributed, configure, evaluate_loss, load_checkpoint, load_weights,
+                    save_config, seeded_subset, setup_distributed, to_device, train)
 from data import UserData, batch_targets
 from encoder import EncoderConfig, make_encoder
 from model import GPT, GPTConfig, SoftPrompt
@@ -163,7 +163,7 @@ def build_encoder(cfg, d, enc_cfg=None):
     if enc_cfg is None and cfg.encoder_ckpt:
         ckpt = load_checkpoint(cfg.encoder_ckpt)
         encoder = make_encoder(EncoderConfig(**ckpt["encoder_config"]))
-        encoder.load_state_dict(ckpt["model"])
+        load_weights(encoder, ckpt["model"], cfg.encoder_ckpt)
         return encoder
     if enc_cfg is None:
         enc_cfg = dict(vocab_sizes=tuple(d.vocab_sizes), feature_dims=cfg.enc_feature_dims, n_embd=cfg.enc_n_embd,
@@ -206,7 +206,7 @@ def main(argv):
     tok = get_tokenizer(cfg.llm)
     model = build_model(cfg, d, tok)
     if cfg.llm_ckpt:  # e.g. continue a TextPrompt or User-LLM run under another strategy
-        model.load_state_dict(load_checkpoint(cfg.llm_ckpt)["model"])
+        load_weights(model, load_checkpoint(cfg.llm_ckpt)["model"], cfg.llm_ckpt)
     model.to(ctx.device)
     prompter = Prompter(d, tok, cfg.task, cfg.text_events, cfg.block_size, cfg.max_answer_tokens)
     if ctx.master:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import Context, adamw, configure, get_lr, load_checkpoint, micro_batch_targets, save_checkpoint
+from common import Context, adamw, configure, get_lr, load_checkpoint, load_weights, micro_batch_targets, save_checkpoint
 
 DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
 
@@ -83,3 +83,9 @@ def test_adamw_groups_and_lr_multipliers():
     assert by_param[id(model[0].weight)]["weight_decay"] == 0.1 and by_param[id(model[0].bias)]["weight_decay"] == 0.0
     assert by_param[id(model.gate_attn)]["lr_mult"] == 10.0 and by_param[id(model[1].weight)]["lr_mult"] == 1.0
     assert sum(len(g["params"]) for g in opt.param_groups) == 5
+
+
+def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(SystemExit, match=r"ckpt.pt does not fit this model: .*size mismatch"):
+        load_weights(model, torch.nn.Linear(3, 5).state_dict(), "ckpt.pt")
