@@ -223,7 +223,7 @@ def evaluate_encoder_checkpoint(cfg, ckpt):
 def describe(c):
     """A results-table name for a train_llm.py run."""
     if c.fusion == "none":
-        return f"TextPrompt TP{c.text_events} ({c.strategy})"
+        return f"TextPrompt TP{c.text_events} ({c.strategy})" if c.text_events else f"no user context ({c.strategy})"
     name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
     name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
     name += f" +TP{c.text_events}" if c.text_events else ""
