@@ -1,7 +1,6 @@
 """train_llm.py: prompts, strategies (Sec 3.2.3), the composition, the LLM metrics of eval.py, and learning on the
 synthetic default (User-LLM beats the same LLM without user context)."""
 import os
-import types
 
 import numpy as np
 import pytest
