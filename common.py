@@ -201,10 +201,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
 
 
-def load_weights(model, state, path):
-    """model.load_state_dict(state), with a checkpoint that does not fit the model reported in one line."""
+def load_weights(model, state, path, strict=True):
+    """model.load_state_dict(state, strict), with a checkpoint that does not fit the model reported in one line."""
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
         raise SystemExit(f"{path} does not fit this model: {str(e).splitlines()[1].strip()[:300]}")
 

@@ -39,6 +39,7 @@ DEFAULTS = dict(
     encoder_ckpt="", enc_feature_dims=(64, 16, 16), enc_n_embd=128, enc_n_layer=2, enc_n_head=4,
     # the LLM: 'gpt2' (and -medium/-large/-xl, or a local Hugging Face folder) with the GPT-2 tokenizer, or 'scratch':
     # a small GPT from random init with a byte-level tokenizer, for offline runs
+    # llm_ckpt: start from a train_llm.py checkpoint (see load_llm), e.g. the GPT of a run without user context
     llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, block_size=512, dropout=0.0,
     xattn_every=1, xattn_dim=0, gate_lr_mult=1.0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4, max_answer_tokens=64,
     **TRAIN_DEFAULTS,
@@ -199,14 +200,27 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
     return model
 
 
+def load_llm(model, path):
+    """Start from a train_llm.py checkpoint: every weight of it that this model has. Its GPT must be whole (a base GPT
+    weight missing is an error); layers it lacks (cross-attention, LoRA, a new encoder) keep their initialisation. So a
+    run continues under another strategy, or, offline, the GPT trained without user context stands in for a pretrained
+    LLM that already knows the catalogue's titles: the setting in which the paper compares Full/LoRA/Enc/Proj."""
+    own = model.state_dict()
+    state = {k: v for k, v in load_checkpoint(path)["model"].items() if k in own}
+    base = [k for k in own if k.startswith("llm.") and not k.startswith("llm.xattn.") and "lora_" not in k]
+    if missing := [k for k in base if k not in state]:
+        raise SystemExit(f"{path} does not hold this model's GPT: {len(missing)} weights missing, e.g. {missing[0]}")
+    load_weights(model, state, path, strict=False)
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     tok = get_tokenizer(cfg.llm)
     model = build_model(cfg, d, tok)
-    if cfg.llm_ckpt:  # e.g. continue a TextPrompt or User-LLM run under another strategy
-        load_weights(model, load_checkpoint(cfg.llm_ckpt)["model"], cfg.llm_ckpt)
+    if cfg.llm_ckpt:
+        load_llm(model, cfg.llm_ckpt)
     model.to(ctx.device)
     prompter = Prompter(d, tok, cfg.task, cfg.text_events, cfg.block_size, cfg.max_answer_tokens)
     if ctx.master:

@@ -62,6 +62,30 @@ def test_textprompt_has_no_user_layers_and_refuses_enc(small):
         build_model(tiny(fusion="none", strategy="enc"), small, tok)
 
 
+@pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
+def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
+    """llm_ckpt: the GPT of a run without user context becomes the 'pretrained LLM' of a User-LLM run. With its gates at
+    0 (and LoRA's B at 0) the new model computes exactly what that GPT does; a checkpoint of another GPT is an error."""
+    tok, targets = get_tokenizer("scratch"), small.targets("test")[:8]
+    plain = build_model(tiny(fusion="none", strategy="full"), small, tok)
+    torch.save({"model": plain.state_dict()}, tmp_path / "plain.pt")
+    user = build_model(tiny(strategy=strategy), small, tok)
+    train_llm.load_llm(user, str(tmp_path / "plain.pt"))
+    batch = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
+    with torch.no_grad():
+        assert torch.allclose(user(batch), plain(batch), atol=1e-6)
+        user.llm.xattn["0"].gate_attn.fill_(1.0)  # the user now matters, and the GPT weights are the plain run's
+        assert not torch.allclose(user(batch), plain(batch), atol=1e-4)
+    assert torch.equal(user.llm.transformer.wte.weight, plain.llm.transformer.wte.weight)
+    other = build_model(tiny(fusion="none", strategy="full", n_embd=48), small, tok)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        train_llm.load_llm(user, str(tmp_path / "other.pt"))
+    torch.save({"model": {k: v for k, v in plain.state_dict().items() if "h.1." not in k}}, tmp_path / "part.pt")
+    with pytest.raises(SystemExit, match="does not hold this model's GPT"):
+        train_llm.load_llm(user, str(tmp_path / "part.pt"))
+
+
 def test_prompts_hold_what_they_claim(small):
     tok = get_tokenizer("scratch")
     targets = small.targets("test")[:8]
