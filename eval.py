@@ -4,6 +4,7 @@ Evaluation (paper Sec 4, Tables 2, 5-8): the test split, once, from a checkpoint
     python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10 (+ most popular)
     python eval.py --ckpt=out/synthetic-llm/best.pt     # a User-LLM / TextPrompt model: its task's metrics
     (--max_examples=K: a seeded subset; --exact=True: also rank every title by log-likelihood; --beam=10)
+    python eval.py --runs=out/a,out/b --fig3=fig3.svg --curves=loss.svg   # plots of runs evaluated before
 
 Encoders (Table 2): every example is scored against every item of the catalogue (padding excluded). Nothing is
 filtered: items already in the history stay in the ranking. Ties count against the target (its rank is 1 + the number
@@ -29,7 +30,8 @@ from encoder import EncoderConfig, make_encoder
 from train_llm import Prompter, build_model, get_tokenizer
 
 DEFAULTS = dict(ckpt="", split="test", data_dir="", batch_size=64, max_examples=0, seed=1337, device="cpu",
-                beam=10, exact=False)  # LLMs: beams for next-item beam search; exact: also rank every title
+                beam=10, exact=False,  # LLMs: beams for next-item beam search; exact: also rank every title
+                runs="", fig3="", curves="", metric="recall@10")  # plots of evaluated runs (see plot_fig3)
 
 
 def ranking_metrics(scores, target, ks=(1, 5, 10)):
@@ -250,8 +252,115 @@ def evaluate_llm_checkpoint(cfg, ckpt):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# plots, as SVG files written by hand (no plotting library needed)
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def ticks(lo, hi, log=False):
+    """Round tick values in [lo, hi]: about 5 steps of 1, 2 or 5 x 10^k; on a log axis 1, 2, 3, 5 x each power of 10."""
+    if log:
+        return [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+                for m in (1, 2, 3, 5) if lo <= m * 10.0 ** k <= hi]
+    step = 10.0 ** np.floor(np.log10((hi - lo) / 5 or 1))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 5)
+    return list(np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step))
+
+
+def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
+    """A line chart: series = {label: (xs, ys)}, one coloured line each (with dots when it has few points)."""
+    right = 60 + 7 * max(len(label) for label in series)  # the right margin holds the legend
+    W, H, left, top, bottom = 500 + right, 420, 70, 40, 50
+    f = (lambda y: np.log10(max(y, 1e-9))) if log_y else (lambda y: y)
+    xs = [x for xv, _ in series.values() for x in xv]
+    ys = [f(y) for _, yv in series.values() for y in yv]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = (min(ys), max(ys)) if log_y else (min(0.0, min(ys)), max(ys) * 1.05)
+    px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (W - left - right)
+    py = lambda y: H - bottom - (f(y) - y0) / ((y1 - y0) or 1) * (H - top - bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{(W - right + left) / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{(W - right + left) / 2}" y="{H - 12}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="16" y="{(H - bottom + top) / 2}" text-anchor="middle" '
+           f'transform="rotate(-90 16 {(H - bottom + top) / 2})">{ylabel}</text>',
+           f'<path d="M{left},{top} V{H - bottom} H{W - right}" stroke="black" fill="none"/>']
+    for t in ticks(10 ** y0, 10 ** y1, log_y) if log_y else ticks(y0, y1):  # y ticks, with light grid lines
+        out.append(f'<path d="M{left},{py(t):.1f} H{W - right}" stroke="#ddd"/><text x="{left - 6}" y="{py(t) + 4:.1f}" '
+                   f'text-anchor="end">{t:.3g}</text>')
+    for x in sorted(set(xs)) if len(set(xs)) <= 12 else ticks(x0, x1):  # x ticks: the points, or round values
+        out.append(f'<text x="{px(x):.1f}" y="{H - bottom + 18}" text-anchor="middle">{x:.4g}</text>')
+    for i, (label, (xv, yv)) in enumerate(series.items()):
+        c = COLORS[i % len(COLORS)]
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"><title>{label}</title></polyline>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"/>' for x, y in zip(xv, yv) if len(xv) <= 12]
+        ly = top + 10 + 20 * i
+        out.append(f'<path d="M{W - right + 15},{ly} h24" stroke="{c}" stroke-width="2"/>'
+                   f'<text x="{W - right + 45}" y="{ly + 4}">{label}</text>')
+    with open(path, "w") as fh:
+        fh.write("\n".join(out + ["</svg>"]) + "\n")
+
+
+def read_run(run, split="test"):
+    """A train_llm.py / train_encoder.py out_dir -> (its config, its model's eval row or None, its training log)."""
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            c = types.SimpleNamespace(**json.load(f))
+        with open(os.path.join(run, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{run}: not a training run's out_dir ({e})".splitlines()[0])
+    path = os.path.join(run, f"eval_{split}.json")
+    if not os.path.isfile(path):
+        return c, None, log
+    with open(path) as f:
+        return c, next(iter(json.load(f)["results"].values())), log  # the first row is the run's own model
+
+
+def plot_fig3(runs, path, metric="recall@10", split="test"):
+    """Paper Fig. 3: a metric against the history length N, one line per method. A User-LLM run's N is its seq_len (the
+    events the encoder sees); a TextPrompt run's is its text_events (the events written into the prompt)."""
+    lines = {}
+    for run in runs:
+        c, row, _ = read_run(run, split)
+        if row is None:
+            raise SystemExit(f"{run}: no eval_{split}.json, run eval.py --ckpt={run}/best.pt first")
+        if metric not in row:
+            raise SystemExit(f"{run}: no '{metric}' in its results (it has {', '.join(row)})")
+        text_only = getattr(c, "fusion", "") == "none"
+        name = "TextPrompt" if text_only else describe(c).replace(f" N={c.seq_len}", "")
+        lines.setdefault(name, []).append((c.text_events if text_only else c.seq_len, row[metric]))
+    series = {name: tuple(zip(*sorted(pts))) for name, pts in lines.items()}
+    svg_chart(path, series, f"{metric} against history length ({split} split)", "events of history N", metric)
+    return series
+
+
+def plot_curves(runs, path):
+    """Training loss against step, one line per run (from each out_dir's log.jsonl)."""
+    series = {}
+    for run in runs:
+        c, _, log = read_run(run)
+        pts = [(r["step"], r["loss"]) for r in log if "loss" in r]
+        name = describe(c) if hasattr(c, "fusion") else f"{c.kind} encoder"
+        series[name if name not in series else f"{name} [{run}]"] = tuple(zip(*pts))
+    svg_chart(path, series, "training loss", "step", "loss (log scale)", log_y=True)
+    return series
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    if cfg.fig3 or cfg.curves:
+        runs = [r for r in cfg.runs.split(",") if r]
+        if not runs:
+            raise SystemExit("eval.py: --fig3/--curves plot the runs named by --runs=out/a,out/b,...")
+        for path, plot in ((cfg.fig3, lambda p: plot_fig3(runs, p, cfg.metric, cfg.split)),
+                           (cfg.curves, lambda p: plot_curves(runs, p))):
+            if path:
+                plot(path)
+                print(f"wrote {path}")
+        return None
     if not cfg.ckpt:
         raise SystemExit("eval.py: give a checkpoint, e.g. --ckpt=out/synthetic-enc/best.pt")
     ckpt = load_checkpoint(cfg.ckpt)
