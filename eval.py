@@ -23,7 +23,7 @@ import types
 import numpy as np
 import torch
 
-from common import all_reduce_sum, configure, load_checkpoint, load_weights, seeded_subset, to_device
+from common import TRAIN_DEFAULTS, all_reduce_sum, configure, load_checkpoint, load_weights, seeded_subset, to_device
 import data
 from data import UserData
 from encoder import EncoderConfig, make_encoder
@@ -222,14 +222,19 @@ def evaluate_encoder_checkpoint(cfg, ckpt):
     return rows
 
 
+def seed_of(c):
+    return f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else ""  # a rerun with another seed is its own row
+
+
 def describe(c):
     """A results-table name for a train_llm.py run."""
     if c.fusion == "none":
-        return f"TextPrompt TP{c.text_events} ({c.strategy})" if c.text_events else f"no user context ({c.strategy})"
+        return (f"TextPrompt TP{c.text_events} ({c.strategy})" if c.text_events else f"no user context ({c.strategy})") + \
+            seed_of(c)
     name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
     name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
     name += f" +TP{c.text_events}" if c.text_events else ""
-    return name + ("" if c.encoder_ckpt else " random enc")
+    return name + ("" if c.encoder_ckpt else " random enc") + seed_of(c)
 
 
 def evaluate_llm_checkpoint(cfg, ckpt):

@@ -33,9 +33,11 @@ def polylines(path):
 def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
     runs = [fake_run(tmp_path / "u50", 0.20, [3, 1], seq_len=50), fake_run(tmp_path / "u10", 0.12, [3, 1], seq_len=10),
             fake_run(tmp_path / "t10", 0.09, [3, 2], fusion="none", text_events=10),
-            fake_run(tmp_path / "t5", 0.10, [3, 2], fusion="none", text_events=5)]
+            fake_run(tmp_path / "t5", 0.10, [3, 2], fusion="none", text_events=5),
+            fake_run(tmp_path / "u20", 0.05, [3, 2], seq_len=20, seed=7)]
     series = evaluation.plot_fig3(runs, str(tmp_path / "fig3.svg"))
-    assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)), "TextPrompt": ((5, 10), (0.10, 0.09))}
+    assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)), "TextPrompt": ((5, 10), (0.10, 0.09)),
+                      "User-LLM (enc) seed 7": ((20,), (0.05,))}  # another seed is drawn apart, not averaged in
     lines = polylines(tmp_path / "fig3.svg")
     (ua, ub), (ta, tb) = lines["User-LLM (enc)"], lines["TextPrompt"]
     assert ua[0] < ub[0] and ua[1] > ub[1]  # N grows to the right; the higher recall is drawn higher (smaller y)
