@@ -234,6 +234,7 @@ def describe(c):
     name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
     name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
     name += f" +TP{c.text_events}" if c.text_events else ""
+    name += f" from {os.path.basename(os.path.dirname(c.llm_ckpt)) or c.llm_ckpt}" if c.llm_ckpt else ""
     return name + ("" if c.encoder_ckpt else " random enc") + seed_of(c)
 
 
