@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import types
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
@@ -279,6 +280,7 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
     right = 60 + 7 * max(len(label) for label in series)  # the right margin holds the legend
     W, H, left, top, bottom = 500 + right, 420, 70, 40, 50
     f = (lambda y: np.log10(max(y, 1e-9))) if log_y else (lambda y: y)
+    title, xlabel, ylabel = escape(title), escape(xlabel), escape(ylabel)
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [f(y) for _, yv in series.values() for y in yv]
     x0, x1 = min(xs), max(xs)
@@ -298,7 +300,7 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
     for x in sorted(set(xs)) if len(set(xs)) <= 12 else ticks(x0, x1):  # x ticks: the points, or round values
         out.append(f'<text x="{px(x):.1f}" y="{H - bottom + 18}" text-anchor="middle">{x:.4g}</text>')
     for i, (label, (xv, yv)) in enumerate(series.items()):
-        c = COLORS[i % len(COLORS)]
+        c, label = COLORS[i % len(COLORS)], escape(label)
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv))
         out.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"><title>{label}</title></polyline>')
         out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"/>' for x, y in zip(xv, yv) if len(xv) <= 12]
@@ -349,6 +351,8 @@ def plot_curves(runs, path):
     for run in runs:
         c, _, log = read_run(run)
         pts = [(r["step"], r["loss"]) for r in log if "loss" in r]
+        if not pts:
+            raise SystemExit(f"{run}: its log.jsonl has no training loss yet")
         name = describe(c) if hasattr(c, "fusion") else f"{c.kind} encoder"
         series[name if name not in series else f"{name} [{run}]"] = tuple(zip(*pts))
     svg_chart(path, series, "training loss", "step", "loss (log scale)", log_y=True)

@@ -63,9 +63,17 @@ def test_loss_curves_follow_the_logs(tmp_path):
     # log scale: equal ratios are equal distances (4 -> 2 -> 1 -> 0.5)
     assert a[1][1] - a[0][1] == pytest.approx(a[2][1] - a[1][1], abs=0.2) == pytest.approx(a[3][1] - a[2][1], abs=0.2)
     assert all(y_b < y_a for (_, y_a), (_, y_b) in zip(a[1:], b[1:]))  # b's higher loss is drawn higher
+    (tmp_path / "a" / "log.jsonl").write_text('{"step": 0, "val_loss": 4.0}\n')
+    with pytest.raises(SystemExit, match="no training loss"):
+        evaluation.plot_curves(runs, str(tmp_path / "x.svg"))
 
 
 def test_ticks_are_round():
     assert evaluation.ticks(0.0, 0.21) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
     assert evaluation.ticks(0, 1000) == pytest.approx([0, 200, 400, 600, 800, 1000])
     assert evaluation.ticks(0.21, 3.2, log=True) == pytest.approx([0.3, 0.5, 1, 2, 3])
+
+
+def test_labels_are_escaped(tmp_path):
+    evaluation.svg_chart(str(tmp_path / "x.svg"), {"TP<10> & co": ((1, 2), (0.1, 0.2))}, "a & b", "N < 5", "y")
+    assert list(polylines(tmp_path / "x.svg")) == ["TP<10> & co"]  # parses, and the label reads back as written
