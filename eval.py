@@ -223,20 +223,17 @@ def evaluate_encoder_checkpoint(cfg, ckpt):
     return rows
 
 
-def seed_of(c):
-    return f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else ""  # a rerun with another seed is its own row
-
-
 def describe(c):
-    """A results-table name for a train_llm.py run."""
+    """A results-table name for a train_llm.py run (a rerun with another seed gets its own name)."""
     if c.fusion == "none":
-        return (f"TextPrompt TP{c.text_events} ({c.strategy})" if c.text_events else f"no user context ({c.strategy})") + \
-            seed_of(c)
-    name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
-    name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
-    name += f" +TP{c.text_events}" if c.text_events else ""
+        name = (f"TextPrompt TP{c.text_events}" if c.text_events else "no user context") + f" ({c.strategy})"
+    else:
+        name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
+        name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
+        name += f" +TP{c.text_events}" if c.text_events else ""
+        name += "" if c.encoder_ckpt else " random enc"
     name += f" from {os.path.basename(os.path.dirname(c.llm_ckpt)) or c.llm_ckpt}" if c.llm_ckpt else ""
-    return name + ("" if c.encoder_ckpt else " random enc") + seed_of(c)
+    return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
 
 
 def evaluate_llm_checkpoint(cfg, ckpt):
@@ -337,7 +334,9 @@ def plot_fig3(runs, path, metric="recall@10", split="test"):
             raise SystemExit(f"{run}: no eval_{split}.json, run eval.py --ckpt={run}/best.pt first")
         if metric not in row:
             raise SystemExit(f"{run}: no '{metric}' in its results (it has {', '.join(row)})")
-        text_only = getattr(c, "fusion", "") == "none"
+        if not hasattr(c, "fusion"):
+            raise SystemExit(f"{run}: Fig. 3 plots train_llm.py runs, this is an encoder's")
+        text_only = c.fusion == "none"
         name = "TextPrompt" if text_only else describe(c).replace(f" N={c.seq_len}", "")
         lines.setdefault(name, []).append((c.text_events if text_only else c.seq_len, row[metric]))
     series = {name: tuple(zip(*sorted(pts))) for name, pts in lines.items()}

@@ -201,15 +201,18 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
 
 
 def load_llm(model, path):
-    """Start from a train_llm.py checkpoint: every weight of it that this model has. Its GPT must be whole (a base GPT
-    weight missing is an error); layers it lacks (cross-attention, LoRA, a new encoder) keep their initialisation. So a
-    run continues under another strategy, or, offline, the GPT trained without user context stands in for a pretrained
-    LLM that already knows the catalogue's titles: the setting in which the paper compares Full/LoRA/Enc/Proj."""
-    own = model.state_dict()
-    state = {k: v for k, v in load_checkpoint(path)["model"].items() if k in own}
+    """Start from a train_llm.py checkpoint. Its GPT must be whole (a base GPT weight missing is an error) and every
+    weight it holds must have a place here (none is dropped unseen); layers it lacks (cross-attention, LoRA, a new
+    encoder) keep their initialisation. So a run continues under another strategy, or, offline, the GPT trained without
+    user context stands in for a pretrained LLM that already knows the catalogue's titles: the setting in which the
+    paper compares Full/LoRA/Enc/Proj."""
+    own, state = model.state_dict(), load_checkpoint(path)["model"]
     base = [k for k in own if k.startswith("llm.") and not k.startswith("llm.xattn.") and "lora_" not in k]
     if missing := [k for k in base if k not in state]:
         raise SystemExit(f"{path} does not hold this model's GPT: {len(missing)} weights missing, e.g. {missing[0]}")
+    if unused := [k for k in state if k not in own]:
+        raise SystemExit(f"{path} holds {len(unused)} weights this model has no place for, e.g. {unused[0]} (a LoRA "
+                         f"run's adapters need strategy lora)")
     load_weights(model, state, path, strict=False)
 
 

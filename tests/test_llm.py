@@ -84,6 +84,11 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
     torch.save({"model": {k: v for k, v in plain.state_dict().items() if "h.1." not in k}}, tmp_path / "part.pt")
     with pytest.raises(SystemExit, match="does not hold this model's GPT"):
         train_llm.load_llm(user, str(tmp_path / "part.pt"))
+    lora = build_model(tiny(fusion="none", strategy="lora"), small, tok)
+    torch.save({"model": lora.state_dict()}, tmp_path / "lora.pt")
+    if strategy != "lora":  # a LoRA run's adapters are never dropped silently
+        with pytest.raises(SystemExit, match="no place for, e.g. .*lora_"):
+            train_llm.load_llm(user, str(tmp_path / "lora.pt"))
 
 
 def test_prompts_hold_what_they_claim(small):

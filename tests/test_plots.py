@@ -50,6 +50,11 @@ def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
         evaluation.plot_fig3(runs, str(tmp_path / "x.svg"))
     with pytest.raises(SystemExit, match="not a training run"):
         evaluation.plot_fig3([str(tmp_path)], str(tmp_path / "x.svg"))
+    encoder = fake_run(tmp_path / "enc", 0.5, [3, 1])
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    (tmp_path / "enc" / "config.json").write_text(json.dumps({k: config[k] for k in ("seq_len", "seed")} | {"kind": "ar"}))
+    with pytest.raises(SystemExit, match="encoder's"):
+        evaluation.plot_fig3([encoder], str(tmp_path / "x.svg"))
 
 
 def test_loss_curves_follow_the_logs(tmp_path):
