@@ -31,15 +31,19 @@ Documented decisions
 - Splits (Sec 4.1): per user the last event is the test target, the penultimate the validation target, every
   earlier event a training target. `min_history` keeps only targets with at least that many events before them (for
   every split, so min_history=N keeps the paper's users with >= N+1 events in test).
-- Review text for generation: Amazon reviewText (summary when reviewText is missing), Google text (null -> '').
+- Review text for generation: Amazon summary, the short opinion the paper generates ("Four Stars.", Sec 4.1 and
+  App. E; reviewText only when the summary is missing or empty), Google text (null -> '').
 - Bad input is counted per reason per file and printed as one summary line per file; duplicates are identical
   (user, item, timestamp) events (the first in file order is kept); users with < min_events events are dropped.
+  Blank lines of JSON-lines files are skipped, not counted. --strict=True stops at the earliest bad line in file
+  order, whatever found it. A truncated or corrupt .gz/.zip is always an error (re-download), never a partial read.
 - history_text renders "Title, rating; Title, rating" oldest to newest, ratings as %g (4, 3.5) to save tokens.
 
 Dimension letters: B batch (examples), N history length, G genres, I items.
 """
 import csv
 import gzip
+import hashlib
 import html
 import json
 import math
@@ -52,6 +56,7 @@ import types
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -108,21 +113,36 @@ def config(**overrides):
 
 class Report:
     """Bad-input bookkeeping of one raw file: rows kept, rows dropped per reason, rows repaired per reason.
-    strict=True turns the first problem into a one-line SystemExit naming file and line."""
+    strict=True turns the earliest problem in file order into a one-line SystemExit naming file and line. It is raised
+    when `kept` is set, which closes the report: readers set it after reading, order_events after its vectorised
+    checks. Raising at the first problem seen would be wrong: a duplicate found after reading can sit on an earlier
+    line than a malformed line found while reading."""
 
     def __init__(self, path, strict=False):
-        self.path, self.strict = Path(path), strict
-        self.kept, self.dropped, self.repaired = 0, Counter(), Counter()
+        self.path, self.strict, self.first = Path(path), strict, None  # first: (line, reason) of the earliest problem
+        self._kept, self.dropped, self.repaired = 0, Counter(), Counter()
 
     def drop(self, reason, line, n=1):
-        if self.strict:
-            raise SystemExit(f"{self.path}:{line}: {reason} (strict mode)")
+        self._note(reason, line)
         self.dropped[reason] += n
 
     def repair(self, reason, line):
-        if self.strict:
-            raise SystemExit(f"{self.path}:{line}: {reason} (strict mode)")
+        self._note(reason, line)
         self.repaired[reason] += 1
+
+    def _note(self, reason, line):
+        if self.strict and (self.first is None or line < self.first[0]):
+            self.first = (int(line), reason)
+
+    @property
+    def kept(self):
+        return self._kept
+
+    @kept.setter
+    def kept(self, n):
+        self._kept = n
+        if self.first:
+            raise SystemExit(f"{self.path}:{self.first[0]}: {self.first[1]} (strict mode)")
 
     def summary(self):
         parts = lambda c: ', '.join(f"{k}: {v:,}" for k, v in sorted(c.items()))
@@ -166,14 +186,30 @@ def raw_file(raw_dir, name, url, fetch=False):
     if not url.endswith('.zip'):
         return download(url, p)
     z = download(url, Path(raw_dir) / url.rsplit('/', 1)[1])
-    with zipfile.ZipFile(z) as zf:  # MovieLens zips hold one folder (ml-20m/...): flatten it into raw_dir
-        for m in zf.infolist():
-            if not m.is_dir():
-                with zf.open(m) as src, open(Path(raw_dir) / Path(m.filename).name, 'wb') as dst:
-                    shutil.copyfileobj(src, dst)
+    try:
+        _unzip_flat(z, raw_dir)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a download cut short, or damaged bytes
+        raise SystemExit(f"{z}: the zip file is truncated or corrupt ({e}); rerun with --download=True to fetch "
+                         "it again")
     if not p.exists():
         raise SystemExit(f"{z} does not contain {name}")
     return p
+
+
+def _unzip_flat(z, raw_dir):
+    """Extract the files of zip z into raw_dir without their folders (MovieLens zips hold one: ml-20m/...). Each goes
+    to .part first, so a member that can't be read whole leaves no half file that a later run would take as raw."""
+    with zipfile.ZipFile(z) as zf:
+        for m in zf.infolist():
+            if not m.is_dir():
+                dst = Path(raw_dir) / Path(m.filename).name
+                part = dst.with_name(dst.name + '.part')
+                try:
+                    with zf.open(m) as src, open(part, 'wb') as f:
+                        shutil.copyfileobj(src, f)
+                    os.replace(part, dst)
+                finally:
+                    part.unlink(missing_ok=True)  # still there only when the copy failed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,7 +342,7 @@ def read_movielens_items(path, report):
         if not any(row):
             report.drop('malformed line', ln)
             continue
-        if len(row) != n_fields or not row[0].strip().isdigit():
+        if len(row) != n_fields or not row[0].strip().isdecimal():  # isdigit() passes '²', which int() refuses
             report.drop('malformed line', ln)
             continue
         if not row[1].strip():
@@ -367,10 +403,11 @@ def _attach_reviews(raw, raw_item, path, strict):
         except (ValueError, IndexError):
             report.drop('malformed line', reader.line_num + 1)
             continue
-        texts.setdefault(key, row[3] if len(row) > 3 else '')
-    enc = [texts.pop((u, i, t), '').encode() for u, i, t in zip(raw.user.tolist(), raw_item.tolist(), raw.ts.tolist())]
-    if texts:
-        report.drop('unknown id', '?', len(texts))
+        texts.setdefault(key, (reader.line_num + 1, row[3] if len(row) > 3 else ''))  # (line, text)
+    keys = zip(raw.user.tolist(), raw_item.tolist(), raw.ts.tolist())
+    enc = [texts.pop(k, (0, ''))[1].encode() for k in keys]
+    if texts:  # texts of no rating: counted at the first one's line, the line strict mode names
+        report.drop('unknown id', min(ln for ln, _ in texts.values()), len(texts))
     report.kept = sum(map(bool, enc))
     raw.review_offsets = np.r_[0, np.cumsum([len(b) for b in enc])].astype(np.int64)
     raw.review_bytes = np.frombuffer(b''.join(enc), np.uint8)
@@ -378,24 +415,41 @@ def _attach_reviews(raw, raw_item, path, strict):
 
 
 def json_lines(path, report):
-    """Yield (line number, dict) of a JSON-lines file, gzipped or not (told by its magic bytes, not its name)."""
+    """Yield (line number, dict) of a JSON-lines file, gzipped or not (told by its magic bytes, not its name). Blank
+    lines are skipped uncounted (an editor's trailing newline is not bad data)."""
+    for ln, b in _raw_lines(path):
+        try:
+            s = b.decode('utf-8')
+        except UnicodeDecodeError:
+            report.repair('invalid utf-8', ln)
+            s = b.decode('utf-8', 'replace')
+        if not s.strip():
+            continue
+        try:
+            obj = json.loads(s)
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested brackets, e.g. random bytes
+            obj = None
+        if not isinstance(obj, dict):
+            report.drop('malformed line', ln)
+            continue
+        yield ln, obj
+
+
+def _raw_lines(path):
+    """Yield (line number, bytes) of a file, gunzipped when it starts with the gzip magic bytes. A truncated or corrupt
+    gzip file is a one-line SystemExit naming the last whole line read: its tail is lost, so the user must fetch it
+    again (a partial read would silently prepare a different dataset)."""
     with open(path, 'rb') as f:
         gz = f.read(2) == b'\x1f\x8b'
-    with (gzip.open(path, 'rb') if gz else open(path, 'rb')) as f:
-        for ln, b in enumerate(f, 1):
-            try:
-                s = b.decode('utf-8')
-            except UnicodeDecodeError:
-                report.repair('invalid utf-8', ln)
-                s = b.decode('utf-8', 'replace')
-            try:
-                obj = json.loads(s)
-            except ValueError:
-                obj = None
-            if not isinstance(obj, dict):
-                report.drop('malformed line', ln)
-                continue
-            yield ln, obj
+    ln = 0
+    try:
+        with (gzip.open(path, 'rb') if gz else open(path, 'rb')) as f:
+            for ln, b in enumerate(f, 1):
+                yield ln, b
+    except EOFError:
+        raise SystemExit(f"{path}: the gzip file ends early (truncated?) after line {ln:,}; re-download it") from None
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise SystemExit(f"{path}: the gzip file is corrupt after line {ln:,} ({e}); re-download it") from None
 
 
 def clean_title(title, fallback):
@@ -406,9 +460,11 @@ def clean_title(title, fallback):
     return title[:200] if title else fallback
 
 
-# field names of the two JSON sources; `pick` chooses one category from the list (see the docstring)
+# field names of the two JSON sources; `pick` chooses one category from the list (see the docstring); `text`: the
+# review-generation target, the first non-blank field listed (Amazon: the summary the paper generates, Sec 4.1)
 AMAZON = dict(user='reviewerID', item='asin', rating='overall', time='unixReviewTime', ms=False,
-              text=('reviewText', 'summary'), title='title', fallback='Item {}', pick=lambda c: c[-1] if len(c) > 1 else c[0])
+              text=('summary', 'reviewText'), title='title', fallback='Item {}',
+              pick=lambda c: c[-1] if len(c) > 1 else c[0])
 GOOGLE = dict(user='user_id', item='gmap_id', rating='rating', time='time', ms=True,
               text=('text',), title='name', fallback='Place {}', pick=lambda c: c[0])
 
@@ -426,7 +482,8 @@ def read_json_source(review_path, meta_path, src, strict=False):
         if key in index:
             meta_report.drop('duplicate', ln)
             continue
-        c = [html.unescape(x).strip() for x in (m.get('category') or []) if isinstance(x, str) and x.strip()]
+        c = m.get('category')
+        c = [html.unescape(x).strip() for x in (c if isinstance(c, list) else [c]) if isinstance(x, str) and x.strip()]
         index[key] = len(titles)
         titles.append(clean_title(m.get(src['title']), src['fallback'].format(key)))
         cats.append(src['pick'](c) if c else NO_CATEGORY)
@@ -434,29 +491,39 @@ def read_json_source(review_path, meta_path, src, strict=False):
     users, user, item, ts, rating, line = {}, array('q'), array('q'), array('q'), array('f'), array('q')
     texts, offsets = bytearray(), array('q', [0])
     for ln, r in json_lines(review_path, report):
-        u, i, y, t = (r.get(src[k]) for k in ('user', 'item', 'rating', 'time'))
-        if any(v is None or v == '' for v in (u, i, y, t)):
-            report.drop('missing field', ln)
+        ev = _review_event(r, src)
+        if isinstance(ev, str):
+            report.drop(ev, ln)
             continue
-        try:
-            y, t = float(y), int(t) // (1000 if src['ms'] else 1)
-        except (TypeError, ValueError):
-            report.drop('malformed line', ln)
-            continue
-        if str(i) not in index:
-            index[str(i)] = len(titles)
+        u, i, y, t = ev
+        if i not in index:
+            index[i] = len(titles)
             titles.append(src['fallback'].format(i))
             cats.append(NO_CATEGORY)
             report.repaired['item without metadata (fallback title)'] += 1  # expected, so not a strict-mode error
-        user.append(users.setdefault(str(u), len(users)))
-        item.append(index[str(i)]), ts.append(t), rating.append(y), line.append(ln)
-        text = next((r[k] for k in src['text'] if isinstance(r.get(k), str) and r[k]), '')
+        user.append(users.setdefault(u, len(users)))
+        item.append(index[i]), ts.append(t), rating.append(y), line.append(ln)
+        text = next((r[k] for k in src['text'] if isinstance(r.get(k), str) and r[k].strip()), '')
         texts += text.encode('utf-8', 'replace')
         offsets.append(len(texts))
     arr = lambda a, dt: np.frombuffer(a, dt).copy() if len(a) else np.zeros(0, dt)
     return RawEvents(arr(user, np.int64), arr(item, np.int64), arr(ts, np.int64), arr(rating, np.float32),
                      arr(line, np.int64), list(index), titles, cats, report, [meta_report], user_names=list(users),
                      review_bytes=arr(texts, np.uint8), review_offsets=arr(offsets, np.int64))
+
+
+def _review_event(r, src):
+    """(user, item, rating, seconds) of a review row, or the reason it is dropped."""
+    u, i, y, t = (r.get(src[k]) for k in ('user', 'item', 'rating', 'time'))
+    if any(v is None or v == '' for v in (u, i, y, t)):
+        return 'missing field'
+    try:
+        y, t = float(y), int(t) // (1000 if src['ms'] else 1)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite time (1e999 in the JSON)
+        return 'malformed line'
+    if not math.isfinite(y) or not -2 ** 63 <= t < 2 ** 63:  # a NaN rating, or a time no int64 column can hold
+        return 'malformed line'
+    return str(u), str(i), y, t
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,6 +635,15 @@ class UserData:
         self.rating_values = [0.0] + self.meta['rating_values']  # rating id -> value
         if self.meta['has_reviews']:
             self._reviews = [load(f, 'r') for f in ('review_bytes.npy', 'review_offsets.npy', 'review_row.npy')]
+
+    def fingerprint(self):
+        """What identifies this prepared dataset: stored in every checkpoint, compared (common.check_data) whenever a
+        checkpoint is used with data, so that a model is never scored on, or continued with, data it was not made for."""
+        h = hashlib.sha256()
+        for a in (self.offsets, *self.feats):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return dict(dataset=self.meta['dataset'], path=str(self.path.resolve()), vocab_sizes=list(self.vocab_sizes),
+                    n_users=int(self.n_users), n_events=int(self.offsets[-1]), sha256=h.hexdigest()[:16])
 
     def user_of(self, events):
         """User index of flat event indices."""
@@ -933,7 +1009,7 @@ def bench(cfg):
 
 def main(argv):
     from common import configure
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__)
     if cfg.bench:
         return bench(cfg)
     t0 = time.time()

@@ -3,6 +3,7 @@ Run: python -m pytest tests/test_data.py -q"""
 import gzip
 import json
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -121,7 +122,7 @@ def test_amazon_reader(tmp_path, capsys):
     assert d.features == ['item', 'category', 'rating'] and d.user_ids == ['A1', 'A2']
     assert d.item_titles == ['<pad>', 'Star Wars & More', 'Item a2', 'Item a3']
     assert d.genre_names == ['<pad>', '(no category)', 'Movies & TV', 'Science Fiction']
-    assert [d.review(t) for t in range(6)] == ['Great', 'Nice', 'ok', 'bad', 'meh', '']
+    assert [d.review(t) for t in range(6)] == ['s', 'Nice', 'ok', 'bad', 'meh', '']  # summary, else reviewText
     assert d.history_text(2, 5) == 'Star Wars & More, 5; Item a2, 4'
 
 
@@ -146,7 +147,8 @@ def test_google_reader_plain_and_null_fields(tmp_path, capsys):
 def test_strict_mode_names_file_and_line(tmp_path):
     write(tmp_path / 'raw' / 'ratings.csv', ML20M_RATINGS)
     write(tmp_path / 'raw' / 'movies.csv', ML20M_MOVIES.replace(b'\xe9', b'e'))
-    with pytest.raises(SystemExit, match=r'ratings\.csv:9: missing field \(strict mode\)'):
+    # the duplicate on line 6 (found after reading) comes before the unknown id (8) and the missing field (9)
+    with pytest.raises(SystemExit, match=r'ratings\.csv:6: duplicate \(strict mode\)'):
         prep(tmp_path, 'ml20m', strict=True)
 
 
@@ -191,6 +193,134 @@ def test_read_numeric_chunks_and_slow_path(tmp_path):
         keep = np.arange(n) != 299
         assert rep.dropped == {'malformed line': 1} and list(ln[298:300]) == [300, 302]
         assert (cu == u[keep]).all() and (ci == i[keep]).all() and (cr == r[keep]).all() and (ct == t[keep]).all()
+
+
+AMAZON_META = [dict(asin=a, title=f'Title {a}', category=['Movies & TV', 'Drama']) for a in ('a1', 'a2', 'a3')]
+
+
+def _amazon_rev(u, i, y, t, **kw):
+    return dict(reviewerID=u, asin=i, overall=y, unixReviewTime=t, **kw)
+
+
+def _gzip_cut(rows, frac=0.5):
+    """Gzipped JSON lines cut at frac of their bytes, and how many whole lines the cut file still holds."""
+    gz = gzip.compress(_jsonl(rows))
+    cut = gz[:int(len(gz) * frac)]
+    return cut, zlib.decompressobj(31).decompress(cut).count(b'\n')
+
+
+@pytest.mark.parametrize('strict', [False, True])
+@pytest.mark.parametrize('which', ['Movies_and_TV_5.json.gz', 'meta_Movies_and_TV.json.gz'])
+def test_truncated_gzip_is_one_line_error(tmp_path, strict, which):
+    reviews = [_amazon_rev(f'A{k % 50}', f'a{k % 3 + 1}', 4.0, k, summary=f'summary {k}') for k in range(3000)]
+    meta = AMAZON_META + [dict(asin=f'x{k}', title=f'Other {k}', category=['Movies & TV']) for k in range(3000)]
+    rows = reviews if which.startswith('Movies') else meta
+    cut, whole = _gzip_cut(rows)
+    write(tmp_path / 'raw' / 'Movies_and_TV_5.json.gz', _jsonl(reviews))
+    write(tmp_path / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl(meta))
+    (tmp_path / 'raw' / which).write_bytes(cut)
+    with pytest.raises(SystemExit) as e:
+        prep(tmp_path, 'amazon_movies_5', strict=strict)
+    msg = str(e.value)
+    assert msg == (f"{tmp_path / 'raw' / which}: the gzip file ends early (truncated?) after line {whole:,}; "
+                   "re-download it") and 0 < whole < len(rows)
+
+
+def test_corrupt_gzip_is_one_line_error(tmp_path):
+    reviews = [_amazon_rev('A1', f'a{k}', 4.0, k, summary='s') for k in (1, 2, 3)]
+    gz = bytearray(gzip.compress(_jsonl(reviews)))
+    gz[-8] ^= 0xff  # the stored CRC of the data
+    (tmp_path / 'raw').mkdir()
+    (tmp_path / 'raw' / 'Movies_and_TV_5.json.gz').write_bytes(bytes(gz))
+    write(tmp_path / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl(AMAZON_META))
+    with pytest.raises(SystemExit, match=r'Movies_and_TV_5\.json\.gz: the gzip file is corrupt after line 3 '
+                                         r'\(CRC check failed .*\); re-download it$'):
+        prep(tmp_path, 'amazon_movies_5')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'corrupt member'])
+def test_bad_zip_download_is_one_line_error(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    ratings = b''.join(b'%d::%d::%d::%d\n' % tuple(x) for x in rng.integers(1, 10 ** 6, (3000, 4)))
+    with zipfile.ZipFile(tmp_path / 'ml-1m.zip', 'w', zipfile.ZIP_DEFLATED) as z:
+        z.writestr('ml-1m/ratings.dat', ratings)
+        z.writestr('ml-1m/movies.dat', b'1::A (1990)::Drama\n')
+        info = z.getinfo('ml-1m/ratings.dat')
+    b = bytearray((tmp_path / 'ml-1m.zip').read_bytes())
+    if damage == 'truncated':
+        b = b[:len(b) // 2]
+    else:  # garble the middle of ratings.dat's compressed bytes; the zip's directory stays intact
+        mid = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+        b[mid:mid + 64] = bytes(64)
+    (tmp_path / 'ml-1m.zip').write_bytes(bytes(b))
+    with pytest.raises(SystemExit) as e:
+        data.raw_file(tmp_path / 'raw', 'ratings.dat', (tmp_path / 'ml-1m.zip').as_uri(), fetch=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'raw' / 'ml-1m.zip'}: the zip file is truncated or corrupt (")
+    assert '\n' not in msg
+    assert not (tmp_path / 'raw' / 'ratings.dat').exists() and not list((tmp_path / 'raw').glob('*.part'))
+
+
+def test_strict_mode_reports_earliest_line_in_file_order(tmp_path):
+    write(tmp_path / 'raw' / 'Movies_and_TV_5.json.gz', _jsonl([
+        _amazon_rev('A1', 'a1', 5.0, 100), _amazon_rev('A1', 'a2', 4.0, 200),
+        _amazon_rev('A1', 'a2', 4.0, 200),  # line 3: a duplicate of line 2, found only after reading
+        _amazon_rev('A1', 'a3', 3.0, 300), b'{"reviewerID": "A1", ', _amazon_rev('A1', 'a1', 2.0, 400)]))
+    write(tmp_path / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl(AMAZON_META))
+    with pytest.raises(SystemExit, match=r'Movies_and_TV_5\.json\.gz:3: duplicate \(strict mode\)$'):
+        prep(tmp_path, 'amazon_movies_5', strict=True)
+    d = prep(tmp_path, 'amazon_movies_5')  # not strict: both counted
+    assert d.meta['bad_input'][-1] == 'Movies_and_TV_5.json.gz: kept 4, dropped 2 (duplicate: 1, malformed line: 1)'
+
+
+@pytest.mark.parametrize('strict', [False, True])
+def test_blank_json_lines_are_skipped(tmp_path, strict):
+    write(tmp_path / 'raw' / 'Movies_and_TV_5.json.gz', _jsonl([
+        _amazon_rev('A1', 'a1', 5.0, 100), b'', _amazon_rev('A1', 'a2', 4.0, 200), b'   \t',
+        b'\r', _amazon_rev('A1', 'a3', 3.0, 300), b'']))
+    write(tmp_path / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl([AMAZON_META[0], b' ', *AMAZON_META[1:]]))
+    d = prep(tmp_path, 'amazon_movies_5', strict=strict)
+    assert d.meta['bad_input'] == ['meta_Movies_and_TV.json.gz: kept 3, dropped 0',
+                                   'Movies_and_TV_5.json.gz: kept 3, dropped 0']
+
+
+def test_amazon_review_target_is_summary(tmp_path):
+    long = 'I bought this for my dad and he watched it twice; the picture quality is fine.'
+    write(tmp_path / 'raw' / 'Movies_and_TV_5.json.gz', _jsonl([
+        _amazon_rev('A1', 'a1', 4.0, 100, summary='Four Stars.', reviewText=long),
+        _amazon_rev('A1', 'a2', 5.0, 200, summary='', reviewText='only the long text'),
+        _amazon_rev('A1', 'a3', 1.0, 300, summary='  ', reviewText='blank summary'),
+        _amazon_rev('A1', 'a1', 2.0, 400, summary=None)]))
+    write(tmp_path / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl(AMAZON_META))
+    d = prep(tmp_path, 'amazon_movies_5')
+    assert [d.review(t) for t in range(4)] == ['Four Stars.', 'only the long text', 'blank summary', '']
+
+
+def test_corrupt_values_are_counted_not_tracebacks(tmp_path):
+    write(tmp_path / 'a' / 'raw' / 'Movies_and_TV_5.json.gz', _jsonl([
+        *(_amazon_rev('A1', f'a{k}', 4.0, 100 * k) for k in (1, 2, 3)),
+        b'{"reviewerID": "A2", "asin": "a1", "overall": 5.0, "unixReviewTime": 1e999}',  # int(inf)
+        _amazon_rev('A2', 'a1', 5.0, 10 ** 30),  # no int64 holds it
+        b'{"reviewerID": "A2", "asin": "a1", "overall": NaN, "unixReviewTime": 5}',
+        b'[' * 100_000]))  # nested deeper than the JSON parser recurses
+    write(tmp_path / 'a' / 'raw' / 'meta_Movies_and_TV.json.gz', _jsonl([*AMAZON_META, dict(asin='a4', category=5)]))
+    d = prep(tmp_path / 'a', 'amazon_movies_5')
+    assert d.meta['bad_input'] == ['meta_Movies_and_TV.json.gz: kept 4, dropped 0',
+                                   'Movies_and_TV_5.json.gz: kept 3, dropped 4 (malformed line: 4)']
+    write(tmp_path / 'm' / 'raw' / 'ratings.dat', b'1::1::5::3\n1::2::3::2\n1::1::4::1\n')
+    movies = '1::A (1990)::Drama\n²::B (1991)::Comedy\n2::C::Drama\n'
+    write(tmp_path / 'm' / 'raw' / 'movies.dat', movies.encode('latin-1'))
+    d = prep(tmp_path / 'm', 'ml1m')  # '²' passes str.isdigit() but int() refuses it
+    assert d.meta['bad_input'][0] == 'movies.dat: kept 2, dropped 1 (malformed line: 1)'
+
+
+def test_strict_unknown_review_names_its_line(tmp_path):
+    write(tmp_path / 'raw' / 'ratings.csv', b'userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,3.0,2\n1,1,2.0,3\n')
+    write(tmp_path / 'raw' / 'movies.csv', b'movieId,title,genres\n1,A (1990),Drama\n2,B (1991),Comedy\n')
+    write(tmp_path / 'raw' / 'reviews.csv', b'userId,movieId,timestamp,text\n1,1,1,fine\n9,9,9,of no rating\n')
+    with pytest.raises(SystemExit, match=r'reviews\.csv:3: unknown id \(strict mode\)$'):
+        prep(tmp_path, 'ml20m', strict=True)
+    assert prep(tmp_path, 'ml20m').review(0) == 'fine'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
