@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import time
 import types
 from dataclasses import dataclass
@@ -54,17 +55,43 @@ def _unknown(key, known, where):
     raise SystemExit(f"config: unknown key '{key}' in {where}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
-def configure(defaults, argv):
-    """defaults: dict of every key a script accepts. argv: [config.py] [--key=value ...]. Returns a namespace."""
+def usage(defaults, doc):
+    """What --help prints: the script's docstring, then every key with its default."""
+    width = max(map(len, defaults)) + 2
+    keys = "\n".join(f"  --{k:<{width}s} {v!r}" for k, v in defaults.items())
+    return f"{(doc or '').strip()}\n\nusage: [config.py] [--key=value ...]; keys and defaults:\n{keys}"
+
+
+def run_config_file(path):
+    """Execute a plain-Python config file; an error in it is one line naming the file and line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"config: no such config file: {path}")
+    scope = {}
+    with open(path) as f:
+        text = f.read()
+    try:
+        exec(compile(text, path, "exec"), scope)  # config files are plain Python we trust like the scripts
+    except SyntaxError as e:
+        raise SystemExit(f"config: {path}:{e.lineno}: {e.msg}")
+    except Exception as e:  # e.g. a NameError: the line is the innermost frame that ran the file
+        tb = e.__traceback__
+        while tb.tb_next is not None and tb.tb_next.tb_frame.f_code.co_filename == path:
+            tb = tb.tb_next
+        line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else "?"
+        raise SystemExit(f"config: {path}:{line}: {type(e).__name__}: {e}")
+    return scope
+
+
+def configure(defaults, argv, doc=None):
+    """defaults: dict of every key a script accepts. argv: [config.py] [--key=value ...] (or --help / -h: print the
+    script's doc and its keys, exit). Returns a namespace."""
     cfg, args = dict(defaults), list(argv)
+    if "--help" in args or "-h" in args:
+        print(usage(defaults, doc))
+        raise SystemExit(0)
     if args and not args[0].startswith("--"):
         path = args.pop(0)
-        if not os.path.isfile(path):
-            raise SystemExit(f"config: no such config file: {path}")
-        scope = {}
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), scope)  # config files are plain Python we trust like the scripts
-        for key, value in scope.items():
+        for key, value in run_config_file(path).items():
             if key.startswith("_") or isinstance(value, types.ModuleType):
                 continue
             if key not in cfg:
@@ -145,6 +172,13 @@ def to_device(batch, device):
     return {k: move(v) for k, v in batch.items()}
 
 
+def shard_batches(targets, batch_size, ctx=None):
+    """This rank's evaluation batches: the batches one process would make, dealt round-robin to the ranks, so that
+    every batch (and so every reported number) is the same whatever the world size."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    return [targets[i:i + batch_size] for i in range(rank * batch_size, len(targets), world * batch_size)]
+
+
 def seeded_subset(targets, n, seed):
     """At most n examples of a split, the same seeded choice every time (n=0: all of them)."""
     if n and len(targets) > n:
@@ -154,10 +188,9 @@ def seeded_subset(targets, n, seed):
 
 @torch.no_grad()
 def evaluate_loss(model, make_batch, targets, ctx, batch_size=64):
-    """Mean answer-token loss of a UserLLM over `targets` (this rank's shard), reduced over ranks."""
+    """Mean answer-token loss of a UserLLM over `targets` (all ranks pass the same; each evaluates its batches)."""
     total, n = 0.0, 0
-    for i in range(0, len(targets), batch_size):
-        ids = targets[i:i + batch_size]
+    for ids in shard_batches(targets, batch_size, ctx):
         total += model(make_batch(ids)).item() * len(ids)
         n += len(ids)
     total, n = all_reduce_sum([total, n], ctx)
@@ -183,7 +216,8 @@ def get_lr(step, lr, warmup_steps, decay_steps, min_lr):
 
 
 def save_checkpoint(obj, path):
-    """Write to a temporary file, fsync, then rename: a kill mid-save never leaves a corrupt checkpoint."""
+    """Write to a temporary file, fsync, then rename: a kill mid-save never leaves a corrupt checkpoint (and a
+    killed save's temporary file is removed by remove_stale_temporaries when the next run starts)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -192,13 +226,48 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(out_dir):
+    """Delete the temporary files of saves that were killed before their rename (a run owns its out_dir)."""
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
+        stem, _, pid = name.rpartition(".tmp")
+        if stem.endswith(".pt") and pid.isdigit():
+            os.remove(os.path.join(out_dir, name))
+
+
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)  # data, not code: never unpickle
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # it names classes or functions: only full unpickling could build them
+            raise SystemExit(f"{path} is not a plain weights checkpoint and was not loaded: loading it could run code")
+        raise SystemExit(f"cannot read checkpoint {path}: not a checkpoint, or a damaged one")
     except Exception as e:  # a truncated or foreign file: one line, no traceback
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
+
+
+def check_data(stored, current, source):
+    """Refuse to use a checkpoint (source) with data other than it was trained on: fingerprints from
+    data.UserData.fingerprint(), compared on vocabularies, sizes and the checksum of the prepared arrays."""
+    if stored is None:
+        print(f"warning: {source} carries no dataset fingerprint (an older checkpoint): its data is not checked")
+        return
+    keys = ("vocab_sizes", "n_users", "n_events", "sha256")
+    if any(stored[k] != current[k] for k in keys):
+        show = lambda fp: f"{fp['path']} ({fp['n_users']:,} users, {fp['n_events']:,} events, vocabularies " \
+                          f"{'/'.join(map(str, fp['vocab_sizes']))}, sha256 {fp['sha256']})"
+        raise SystemExit(f"{source} was trained on {show(stored)}, not on {show(current)}: refusing the mismatch")
+
+
+def data_path(stored, override, source):
+    """The prepared folder a checkpoint was trained on (absolute), or --data_dir=override; one line when missing."""
+    path = override or (stored or {}).get("path", "")
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        where = f"--data_dir={override}" if override else f"its dataset {path or '(unrecorded)'}"
+        raise SystemExit(f"{source}: {where} holds no prepared dataset; prepare it with data.py, or point "
+                         f"--data_dir= at the prepared folder")
+    return path
 
 
 def load_weights(model, state, path, strict=True):
@@ -245,39 +314,85 @@ def micro_batch_targets(global_targets, ctx, grad_accum):
     return [chunks[c] for c in range(ctx.rank, grad_accum, ctx.world_size)]
 
 
+def check_train_config(cfg):
+    """What can be checked before anything is written to out_dir (the scripts call it before saving config.json)."""
+    if cfg.init_from not in ("scratch", "resume"):
+        raise SystemExit(f"config: init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    if cfg.init_from == "resume" and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise SystemExit(f"config: init_from='resume' but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SystemExit(f"config: dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
+    if cfg.batch_size % cfg.grad_accum:
+        raise SystemExit(f"config: grad_accum={cfg.grad_accum} must divide batch_size={cfg.batch_size}")
+
+
+@dataclass
+class Selection:
+    """The validation metric that picks best.pt, and which way is better (recall: higher; loss: lower)."""
+    metric: str
+    higher_is_better: bool = True
+
+    def improved(self, value, best):
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+
+def trim_log(path, last_step):
+    """Keep the lines of log.jsonl up to the checkpoint's step (a resume recomputes the rest; a fresh run keeps none),
+    so that no step is logged twice."""
+    rows = []
+    if last_step >= 0 and os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def restore(path, raw_model, optimizer, scaler, ctx, data=None):
+    """Load a training checkpoint into model, optimizer, scaler and the RNGs, after checking it was trained on this
+    data (a fingerprint, see check_data). Returns (step, best, metrics)."""
+    ckpt = load_checkpoint(path, map_location=ctx.device)
+    if data is not None:
+        check_data(ckpt.get("data"), data, path)
+    load_weights(raw_model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][min(ctx.rank, len(ckpt["rng"]["cuda"]) - 1)].cpu())
+    return ckpt["step"], ckpt["best"], ckpt["metrics"]
+
+
 def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, checkpoint_extra, units_per_example=1):
     """Run the loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
     make_batch(ids) -> a batch on ctx.device; evaluate(raw_model) -> dict of metrics (all ranks take part, reduced);
-    select: the validation metric that picks the best checkpoint, higher is better ('-loss': lower loss is better);
-    checkpoint_extra() -> what the caller stores beside the weights (model config, ...). Returns the final metrics."""
+    select: a Selection, the validation metric that picks the best checkpoint; checkpoint_extra() -> what the caller
+    stores beside the weights (model config, dataset fingerprint, ...). Returns the final metrics."""
     from tqdm import tqdm
 
+    check_train_config(cfg)
     raw_model = model
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     last_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    step, best = 0, -math.inf  # best: the selection score, higher is better
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    step, best, metrics = 0, None, {}
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(last_path, map_location=ctx.device)
-        load_weights(raw_model, ckpt["model"], last_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][min(ctx.rank, len(ckpt["rng"]["cuda"]) - 1)].cpu())
+        step, best, metrics = restore(last_path, raw_model, optimizer, scaler, ctx, checkpoint_extra().get("data"))
         if ctx.master:
-            print(f"resumed from {last_path} at step {step} (best {select} so far {best:.4f})")
-    elif cfg.init_from != "scratch":
-        raise SystemExit(f"config: init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+            print(f"resumed from {last_path} at step {step} (best {select.metric} so far {best:.4f})")
+    resumed_at = step if cfg.init_from == "resume" else -1  # that step's validation is in the checkpoint already
     if cfg.compile:
         model = torch.compile(model)  # raw_model keeps the plain parameter names for checkpoints
     if ctx.world_size > 1:
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if ctx.master else None
+    if ctx.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temporaries(cfg.out_dir)
+        trim_log(log_path, resumed_at)
+        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))  # only now: everything has been checked
+    log = open(log_path, "a") if ctx.master else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not ctx.master, dynamic_ncols=True)
-    metrics, t0, t0_step = {}, time.time(), step
+    t0, t0_step = time.time(), step
 
     def checkpoint(path):
         rng = {"cpu": torch.get_rng_state()}
@@ -291,16 +406,17 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and step != resumed_at:
             raw_model.eval()
             with torch.no_grad(), ctx.autocast():
                 metrics = evaluate(raw_model)
             raw_model.train()
-            score = -metrics[select[1:]] if select.startswith("-") else metrics[select]
-            improved, best = score > best, max(best, score)
+            improved = select.improved(metrics[select.metric], best)
+            best = metrics[select.metric] if improved else best
             if ctx.master:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}) + "\n")
+                log.flush()  # a validation is never lost to a kill
                 checkpoint(last_path)
                 if improved:
                     checkpoint(best_path)
@@ -312,10 +428,11 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
             batch = make_batch(ids)
             sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-step
             with (contextlib.nullcontext() if sync or ctx.world_size == 1 else model.no_sync()), ctx.autocast():
-                loss = model(batch) / cfg.grad_accum
+                # the mean over this rank's micro-batches; DDP then averages over the ranks: the global-batch mean
+                loss = model(batch) / len(micro)
             scaler.scale(loss).backward()
             loss_sum += loss.item()
-        loss_sum = all_reduce_sum([loss_sum], ctx)[0]  # the global-batch mean loss, whatever the world size
+        loss_sum = all_reduce_sum([loss_sum], ctx)[0] / ctx.world_size  # the global-batch mean loss
         if not math.isfinite(loss_sum):
             if ctx.master:
                 bar.close()
@@ -340,6 +457,5 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
     bar.close()
     if ctx.master:
         log.close()
-        print(f"done: best validation {select.lstrip('-')} {abs(best):.4f}; checkpoints {best_path} (best), "
-              f"{last_path} (last)")
+        print(f"done: best validation {select.metric} {best:.4f}; checkpoints {best_path} (best), {last_path} (last)")
     return metrics

@@ -14,8 +14,8 @@ import dataclasses
 import os
 import sys
 
-from common import (TRAIN_DEFAULTS, adamw, cleanup_distributed, configure, save_config, seeded_subset, setup_distributed,
-                    to_device, train)
+from common import (TRAIN_DEFAULTS, Selection, adamw, check_train_config, cleanup_distributed, configure,
+                    seeded_subset, setup_distributed, to_device, train)
 from data import UserData, batch_targets
 from encoder import EncoderConfig, make_encoder
 from eval import evaluate_ranking, label_of
@@ -41,25 +41,25 @@ def encoder_config(cfg, d):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__)
+    check_train_config(cfg)
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     enc_cfg = encoder_config(cfg, d)
     model = make_encoder(enc_cfg).to(ctx.device)
     if ctx.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; config: {vars(cfg)}")
+    fingerprint = d.fingerprint()
     train_targets = d.targets("train", cfg.min_history)
-    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)[ctx.rank::ctx.world_size]
+    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
     train(
         cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2)),
         global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
         make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
         evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, label_of(enc_cfg), device=ctx.device,
                                             loss_fn=m.loss, ctx=ctx),
-        select="recall@10",
-        checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(enc_cfg), "dataset": str(d.path)},
+        select=Selection("recall@10", higher_is_better=True),
+        checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(enc_cfg), "data": fingerprint},
         units_per_example=cfg.seq_len,
     )
     cleanup_distributed(ctx)

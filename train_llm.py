@@ -21,8 +21,9 @@ import tiktoken
 import torch
 import torch.nn as nn
 
-from common import (TRAIN_DEFAULTS, adamw, cleanup_distributed, configure, evaluate_loss, load_checkpoint, load_weights,
-                    save_config, seeded_subset, setup_distributed, to_device, train)
+from common import (TRAIN_DEFAULTS, Selection, adamw, check_data, check_train_config, cleanup_distributed, configure,
+                    evaluate_loss, load_checkpoint, load_weights, seeded_subset, setup_distributed,
+                    to_device, train)
 from data import UserData, batch_targets
 from encoder import EncoderConfig, make_encoder
 from model import GPT, GPTConfig, SoftPrompt
@@ -163,6 +164,7 @@ def build_encoder(cfg, d, enc_cfg=None):
     """The user encoder: of a stored shape (enc_cfg, when rebuilding a checkpoint), pretrained (encoder_ckpt), or new."""
     if enc_cfg is None and cfg.encoder_ckpt:
         ckpt = load_checkpoint(cfg.encoder_ckpt)
+        check_data(ckpt.get("data"), d.fingerprint(), cfg.encoder_ckpt)  # item ids must mean the same items
         encoder = make_encoder(EncoderConfig(**ckpt["encoder_config"]))
         load_weights(encoder, ckpt["model"], cfg.encoder_ckpt)
         return encoder
@@ -200,13 +202,15 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
     return model
 
 
-def load_llm(model, path):
+def load_llm(model, path, d):
     """Start from a train_llm.py checkpoint. Its GPT must be whole (a base GPT weight missing is an error) and every
     weight it holds must have a place here (none is dropped unseen); layers it lacks (cross-attention, LoRA, a new
     encoder) keep their initialisation. So a run continues under another strategy, or, offline, the GPT trained without
     user context stands in for a pretrained LLM that already knows the catalogue's titles: the setting in which the
     paper compares Full/LoRA/Enc/Proj."""
-    own, state = model.state_dict(), load_checkpoint(path)["model"]
+    ckpt = load_checkpoint(path)
+    check_data(ckpt.get("data"), d.fingerprint(), path)  # it learnt this catalogue's titles
+    own, state = model.state_dict(), ckpt["model"]
     base = [k for k in own if k.startswith("llm.") and not k.startswith("llm.xattn.") and "lora_" not in k]
     if missing := [k for k in base if k not in state]:
         raise SystemExit(f"{path} does not hold this model's GPT: {len(missing)} weights missing, e.g. {missing[0]}")
@@ -217,23 +221,23 @@ def load_llm(model, path):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__)
+    check_train_config(cfg)
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     tok = get_tokenizer(cfg.llm)
     model = build_model(cfg, d, tok)
     if cfg.llm_ckpt:
-        load_llm(model, cfg.llm_ckpt)
+        load_llm(model, cfg.llm_ckpt, d)
     model.to(ctx.device)
     prompter = Prompter(d, tok, cfg.task, cfg.text_events, cfg.block_size, cfg.max_answer_tokens)
     if ctx.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"UserLLM: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained ({cfg.strategy}); config: {vars(cfg)}")
+    fingerprint = d.fingerprint()
     train_targets = d.targets("train", cfg.min_history)
-    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)[ctx.rank::ctx.world_size]
+    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
 
     def make_batch(ids):
         return to_device(prompter(d.batch(ids, cfg.seq_len), ids), ctx.device)
@@ -242,9 +246,9 @@ def main(argv):
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), lr_mult={"gate_": cfg.gate_lr_mult})
     train(cfg, ctx, model, optimizer,
           global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
-          make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx), select="-loss",
+          make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx), select=Selection("loss", higher_is_better=False),
           checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
-                                    "llm_config": dataclasses.asdict(model.llm.config), "dataset": str(d.path)})
+                                    "llm_config": dataclasses.asdict(model.llm.config), "data": fingerprint})
     cleanup_distributed(ctx)
 
 

@@ -12,6 +12,15 @@ if TIKTOKEN_DIR.is_dir():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state: no test passes or fails by luck of initialisation."""
+    import numpy as np
+    import torch
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """The embedded default, exactly as `python data.py` writes it (seconds)."""

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import Context, adamw, configure, get_lr, load_checkpoint, load_weights, micro_batch_targets, save_checkpoint
+from common import (Context, adamw, configure, get_lr, load_checkpoint, load_weights, micro_batch_targets,
+                    save_checkpoint, shard_batches)
 
 DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
 
@@ -37,6 +38,25 @@ def test_config_type_errors():
         configure(DEFAULTS, ["--lr", "1"])
 
 
+def test_config_file_errors_are_one_line(tmp_path):
+    """A config file that is not valid Python, or fails when run, is one line: file, line, what is wrong."""
+    f = tmp_path / "c.py"
+    f.write_text("lr = 3e-4\nmax_steps = (7\n")
+    with pytest.raises(SystemExit, match=r"^config: .*c.py:2: .*(never closed|invalid syntax)"):
+        configure(DEFAULTS, [str(f)])
+    f.write_text("lr = 3e-4\n\nmax_steps = steps * 2\n")
+    with pytest.raises(SystemExit, match=r"^config: .*c.py:3: NameError: name 'steps' is not defined$"):
+        configure(DEFAULTS, [str(f)])
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, ["--lr=1", "-h"], "Train something.\n")
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("Train something.")
+    assert "--max_steps" in out and "100" in out and "(64, 16)" in out and "'synthetic'" in out
+
+
 def test_lr_schedule():
     lrs = [get_lr(s, 1.0, 10, 110, 0.1) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
@@ -53,6 +73,9 @@ def test_checkpoint_roundtrip_and_bad_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         load_checkpoint(str(tmp_path / "bad.pt"))
+    (tmp_path / "pickle.pt").write_bytes(b"\x80\x02garbage")  # a pickle stream, but not one of a checkpoint
+    with pytest.raises(SystemExit, match="cannot read checkpoint .*pickle.pt: not a checkpoint, or a damaged one$"):
+        load_checkpoint(str(tmp_path / "pickle.pt"))
     with pytest.raises(SystemExit, match="checkpoint not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
@@ -60,8 +83,18 @@ def test_checkpoint_roundtrip_and_bad_file(tmp_path):
 def test_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"f": math.sqrt}, path)  # a pickled function: weights_only=True must refuse it
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(SystemExit) as e:
         load_checkpoint(str(path))
+    assert str(e.value) == f"{path} is not a plain weights checkpoint and was not loaded: loading it could run code"
+
+
+def test_evaluation_batches_do_not_depend_on_world_size():
+    """Each rank evaluates whole batches of the single-process split, so every batch's numbers are the same."""
+    ids = np.arange(23)
+    one = [b.tolist() for b in shard_batches(ids, 5)]
+    for world in (2, 3, 7):
+        shards = [shard_batches(ids, 5, Context(r, r, world, torch.device("cpu"), torch.float32)) for r in range(world)]
+        assert sorted(b.tolist() for s in shards for b in s) == sorted(one)
 
 
 def test_micro_batches_do_not_depend_on_world_size():
