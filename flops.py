@@ -4,6 +4,11 @@ the user history in embeddings, where TextPrompt spells the history out as text.
 
     python data.py && python flops.py                  # synthetic default, the demo's scratch GPT: < 1 min on CPU
     TIKTOKEN_CACHE_DIR=../shared/tiktoken python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2
+    python flops.py --encoder=configs/synthetic_enc.py --batch_size=128 --steps=5   # table 4 only
+    python flops.py --bench_dtype=True --threads=1     # table 5 only: fp32 vs bf16 on the CPU, ~1 min, no dataset
+    python flops.py --gpu_check=True                   # on a GPU: the training scripts in bf16 + compile, <= 8 min
+    python flops.py --gpu_check=True --gpu_check_steps=6 --gpu_check_fp16_steps=3 --gpu_check_dtype=float32 \
+        --gpu_check_compile=False "--gpu_check_shape=(1,2,32)" "--gpu_check_batch=(16,8)"   # its plumbing, CPU, 30 s
 
 Three tables, printed and written as JSON to --out (default out/flops.json):
 1. tokens (Table 3): LLM input tokens per example, TextPrompt TP-N (the last N events as text, then the query) for
@@ -15,6 +20,15 @@ Three tables, printed and written as JSON to --out (default out/flops.json):
    batch, for TextPrompt TP50 and User-LLM (cross-attention / soft prompt, each with and without the Perceiver
    50 -> 16), on the same GPT, *including* the user encoder and Perceiver that the paper's count leaves out.
 
+The other modes print one table each:
+4. one train_encoder.py config's training step: events/s, FLOP/s, MFU on a known GPU.
+5. fp32 vs bf16 autocast on the CPU, forward + backward of the demo encoder, the demo User-LLM's GPT and GPT-2 small
+   (random weights and ids): ms/step, units/s, speedup. It is why dtype=auto stays fp32 on the CPU (common.py).
+6. the GPU check: train_encoder.py (configs/synthetic_enc.py) and train_llm.py (configs/synthetic_llm.py with a
+   GPT-2-small-shaped GPT from scratch and a random encoder) under torchrun, in bf16 with torch.compile and in fp16
+   (GradScaler), 30/10 steps within 450 s in all; units/s from their log.jsonl (encoder: events; LLM: examples, times
+   the mean prompt + answer tokens) and MFU = 6 x params x tokens/s / the GPU's dense bf16 peak. Exits 1 if a run fails.
+
 FLOPs are counted by torch.utils.flop_counter (matmuls and attention; elementwise ops, softmax and LayerNorm are not
 counted; attention is counted over the full T x T square, as the counter does for causal kernels on GPU too).
 `--llm=gpt2 --random_weights=True`: a GPT-2-small-shaped model with random weights (GPT-2's weights aren't available
@@ -25,7 +39,10 @@ embeddings the LLM sees (N events, or the Perceiver's latents), N history events
 """
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -51,8 +68,13 @@ DEFAULTS = dict(
     out="out/flops.json", llm="scratch", random_weights=False,  # random_weights: a GPT-2-shaped model, no download
     strategy="full",  # what trains in table 3 (6ND assumes all LLM weights train); TextPrompt: 'full' for enc/proj
     batch_size=8, steps=3, gen_examples=3,  # table 3: one training batch, timed steps (+1 warmup), answers timed
-    threads=0, seed=1337,
-    encoder="",  # a train_encoder.py config: print only table 4, that encoder's training throughput  # threads 0: every core this process may use (on a busy machine 1 times more steadily)
+    threads=0, seed=1337,  # threads 0: every core this process may use (on a busy machine 1 times more steadily)
+    encoder="",  # a train_encoder.py config: print only table 4, that encoder's training throughput
+    bench_dtype=False, bench_gpt2_batch=2, bench_gpt2_len=256,  # table 5 only: fp32 vs bf16 autocast on the CPU
+    # the GPU check only (see gpu_check): steps of the bf16 runs and of the fp16 one, their dtype and torch.compile,
+    # the LLM's (n_layer, n_head, n_embd), (encoder, LLM) batch sizes, all runs' total seconds, their out_dirs
+    gpu_check=False, gpu_check_steps=30, gpu_check_fp16_steps=10, gpu_check_dtype="bfloat16", gpu_check_compile=True,
+    gpu_check_shape=(12, 12, 768), gpu_check_batch=(128, 64), gpu_check_timeout=450, gpu_check_dir="out/gpu_check",
     **{k: DEMO[k] for k in SHAPE_KEYS},
 )
 GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
@@ -229,11 +251,10 @@ def cost_table(cfg, d, tok):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 4. encoder pretraining throughput (train_encoder.py)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 4. encoder pretraining throughput (train_encoder.py; issue benchmark)
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU; other devices: no MFU shown
+# dense bf16 FLOP/s per GPU (SXM unless named); other devices: no MFU shown
+PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
 
 def encoder_table(config_path, d, batch_size, steps, device):
@@ -250,11 +271,236 @@ def encoder_table(config_path, d, batch_size, steps, device):
     model.zero_grad(set_to_none=True)
     ms = time_train_step(model, batch, steps)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(name)
     achieved = counter.get_total_flops() / (ms / 1000)
     return [dict(config=os.path.basename(config_path), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                  batch=len(ids), N=c.seq_len, ms_step=ms, events_per_s=len(ids) * c.seq_len / (ms / 1000),
                  gflops_per_s=achieved / 1e9, device=name, mfu=f"{100 * achieved / peak:.1f}%" if peak else "n/a")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. fp32 vs bf16 autocast on the CPU: what dtype=auto should pick there
+
+SYNTHETIC_VOCABS = (501, 17, 11)  # data/synthetic's item, genre and rating ids: 500, 16, 10, each + padding id 0
+DEMO_T = 51  # the demo LLM's padded batch length: its 21-byte query + the longest title in a batch of 64
+
+
+def encoder_case(name, cfg, B):
+    """One train_encoder.py loss on B random full histories of cfg.block_size - 1 events; cfg an EncoderConfig."""
+    from encoder import make_encoder
+    model, N = make_encoder(cfg), cfg.block_size - 1
+    batch = dict(hist=tuple(torch.randint(1, v, (B, N)) for v in cfg.vocab_sizes),
+                 target=tuple(torch.randint(1, v, (B,)) for v in cfg.vocab_sizes))
+    return dict(name=name, model=model, loss=lambda: model(batch), units=B * N, unit="events")
+
+
+def gpt_case(name, cfg, B, T, M=50):
+    """One GPT loss on B x T random token ids (targets: the ids); with cross-attention (cfg.d_user > 0) over M random
+    user embeddings, as User-LLM's GPT sees the encoder's output."""
+    from model import GPT
+    model, idx = GPT(cfg), torch.randint(0, cfg.vocab_size, (B, T))
+    user = torch.randn(B, M, cfg.d_user) if cfg.d_user else None
+    return dict(name=name, model=model, loss=lambda: model(idx, idx, user=user)[1], units=B * T, unit="tokens")
+
+
+def dtype_cases(gpt2_batch, gpt2_len):
+    """The three shapes compared, random weights and ids (no dataset): the demo encoder (configs/synthetic_enc.py,
+    its batch), the demo User-LLM's GPT with its cross-attention (configs/synthetic_llm.py, its batch) and GPT-2 small
+    (1024 positions, a shorter sequence to keep the CPU run short)."""
+    import train_encoder
+    from encoder import EncoderConfig
+    from model import GPTConfig
+    e = configure(train_encoder.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_enc.py")])
+    enc = EncoderConfig(vocab_sizes=SYNTHETIC_VOCABS, feature_dims=e.feature_dims, n_embd=e.n_embd, n_layer=e.n_layer,
+                        n_head=e.n_head, block_size=e.seq_len + 1)
+    demo = GPTConfig(block_size=DEMO["block_size"] + DEMO["n_task_tokens"] + DEMO["seq_len"], vocab_size=257,
+                     n_layer=DEMO["n_layer"], n_head=DEMO["n_head"], n_embd=DEMO["n_embd"], d_user=DEMO["enc_n_embd"])
+    return [encoder_case("demo encoder", enc, e.batch_size),
+            gpt_case("demo User-LLM GPT", demo, DEMO["batch_size"], DEMO_T, DEMO["seq_len"]),
+            gpt_case("GPT-2 small", GPTConfig(), gpt2_batch, gpt2_len)]
+
+
+def fwd_bwd_ms(model, loss_fn, dtype):
+    """Wall-clock ms of one forward + backward under CPU autocast to dtype (float32: none). No optimizer step: AdamW
+    runs on the fp32 weights whatever the autocast dtype."""
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def bench_dtype(cases, steps):
+    """Table 5: per case, the median fp32 and bf16-autocast ms of a forward + backward, units/s in each, speedup =
+    fp32 / bf16. One warmup step each, then the two dtypes alternate step by step, so a burst of load from other
+    processes on a shared machine hits both alike."""
+    rows = []
+    for c in cases:
+        times = {dt: [] for dt in (torch.float32, torch.bfloat16)}
+        for i in range(steps + 1):
+            for dt, ts in times.items():
+                ms = fwd_bwd_ms(c["model"], c["loss"], dt)
+                if i:  # step 0 warms up
+                    ts.append(ms)
+        fp32, bf16 = (statistics.median(ts) for ts in times.values())
+        rows.append(dict(model=c["name"], params_m=sum(p.numel() for p in c["model"].parameters()) / 1e6,
+                         units=f"{c['units']:,} {c['unit']}", fp32_ms=fp32, bf16_ms=bf16, speedup=fp32 / bf16,
+                         fp32_per_s=1000 * c["units"] / fp32, bf16_per_s=1000 * c["units"] / bf16))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. GPU check: the training scripts themselves, bf16 + torch.compile and fp16 + GradScaler, throughput and MFU
+
+def gpu_check_runs(cfg):
+    """The runs, each the real script under torchrun (one process) from random init: configs/synthetic_enc.py's
+    encoder; configs/synthetic_llm.py's User-LLM with a GPT of gpu_check_shape (GPT-2 small: no weights offline) and
+    a random encoder (encoder_ckpt ''), in gpu_check_dtype, then in float16 without compile (the GradScaler path).
+    Units/s are logged every third of a run and evaluation runs only at its start and end, so the windows after the
+    first time training steps alone."""
+    n_layer, n_head, n_embd = cfg.gpu_check_shape
+    llm = ["--llm=scratch", f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", "--encoder_ckpt=",
+           "--lr=6e-4", "--min_lr=6e-5"]  # GPT-2's learning rate: the demo's 3e-3 suits its 2-layer GPT, not 12 layers
+    enc_batch, llm_batch = cfg.gpu_check_batch
+    data = [f"--data_dir={os.path.abspath(cfg.data_dir)}"] if cfg.data_dir else []  # '': data/synthetic
+    runs = [("encoder", "train_encoder.py", "configs/synthetic_enc.py", [], enc_batch, cfg.gpu_check_dtype,
+             cfg.gpu_check_compile, cfg.gpu_check_steps),
+            ("llm", "train_llm.py", "configs/synthetic_llm.py", llm, llm_batch, cfg.gpu_check_dtype,
+             cfg.gpu_check_compile, cfg.gpu_check_steps),
+            ("llm-fp16", "train_llm.py", "configs/synthetic_llm.py", llm, llm_batch, "float16", False,
+             cfg.gpu_check_fp16_steps)]
+    out = []
+    for name, script, config, extra, batch, dtype, compiled, steps in runs:
+        out_dir = os.path.join(os.path.abspath(cfg.gpu_check_dir), name)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script, config,
+               *data, *extra, f"--batch_size={batch}", f"--max_steps={steps}", f"--dtype={dtype}",
+               f"--compile={compiled}", f"--log_interval={max(1, steps // 3)}", f"--eval_interval={steps}",
+               "--eval_examples=256", f"--out_dir={out_dir}"]
+        out.append(dict(run=name, llm=script == "train_llm.py", cmd=cmd, dtype=dtype, compile=compiled, steps=steps,
+                        out_dir=out_dir))
+    return out
+
+
+def run_logged(cmd, log_path, timeout):
+    """Run cmd in this folder, its output in log_path. Returns its exit code, or None when it ran past timeout: then
+    its whole process group (torchrun and its worker) is killed, so no orphan keeps the GPU."""
+    if timeout <= 0:
+        return None
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+
+
+def log_tail(path, lines=15):
+    """The last lines of a run's own output, tqdm's carriage returns as line breaks; torchrun's report of a failure
+    (from its first line naming torch/distributed/elastic on) is cut, as it only repeats the exit code."""
+    with open(path, errors="replace") as f:
+        text = f.read().replace("\r", "\n").splitlines()
+    cut = next((i for i, line in enumerate(text) if "torch/distributed/elastic" in line), len(text))
+    return "\n".join(text[:cut][-lines:])
+
+
+def logged_rate(log_path):
+    """Units/s over the logged windows after the first (which holds torch.compile's compilation and the first
+    evaluation), or of the only one: their units over their seconds, from each window's rate and length in steps.
+    None when nothing was logged."""
+    with open(log_path) as f:
+        rows = [r for r in map(json.loads, f) if "units_per_s" in r]
+    if not rows:
+        return None
+    steps = np.diff([0] + [r["step"] for r in rows])
+    rates = np.array([r["units_per_s"] for r in rows])
+    k = 1 if len(rows) > 1 else 0
+    return float(steps[k:].sum() / (steps[k:] / rates[k:]).sum())
+
+
+def run_shape(out_dir, llm):
+    """(parameters, LLM input tokens per example or None for the encoder) of a run, from its config.json: the model
+    rebuilt on the CPU and, for the LLM, the mean real (unpadded) prompt + answer positions over 1,000 seeded
+    training examples (train.py logs examples/s, the batch's padded length varies)."""
+    with open(os.path.join(out_dir, "config.json")) as f:
+        c = types.SimpleNamespace(**json.load(f))
+    d = UserData(c.data_dir or os.path.join(HERE, "data", c.dataset))
+    if not llm:
+        import train_encoder
+        from encoder import make_encoder
+        return sum(p.numel() for p in make_encoder(train_encoder.encoder_config(c, d)).parameters()), None
+    tok = get_tokenizer(c.llm)
+    params = sum(p.numel() for p in build_model(c, d, tok).parameters())
+    ids = seeded_subset(d.targets("train", c.min_history), 1000, c.seed)
+    prompter = Prompter(d, tok, c.task, c.text_events, c.block_size, c.max_answer_tokens)
+    answers = prompter.answer_tokens(ids, d.batch(ids, c.seq_len))
+    return params, float(np.mean([len(p) + len(a) - 1 for p, a in zip(prompter.prompts(ids), answers)]))
+
+
+def peak_flops(device_name):
+    """Dense bf16 (= fp16) peak FLOP/s of a device by its name (the longest key it contains); None when unknown."""
+    keys = [k for k in PEAK_FLOPS if k in device_name]
+    return PEAK_FLOPS[max(keys, key=len)] if keys else None
+
+
+def mfu(params, tokens_per_s, peak):
+    """Model FLOPs utilisation: the 6·N·D training FLOPs per second over the device's peak (None: peak unknown). N is
+    every parameter, D the real tokens (encoder: events), so attention scores, padding and, for User-LLM, the
+    encoder's per-event work are left out: it understates what the device computes."""
+    return six_nd(params, tokens_per_s) / peak if peak and tokens_per_s else None
+
+
+def check_row(r, code, wall, peak):
+    """One table row of a finished run; status 'ok' or why it failed."""
+    row = dict(run=r["run"], dtype=r["dtype"], compile=str(r["compile"]), steps=r["steps"], wall_s=wall,
+               unit="examples" if r["llm"] else "events", units_per_s=None, tokens_per_s=None, params_m=None, mfu="-")
+    log = os.path.join(r["out_dir"], "log.jsonl")
+    rate = logged_rate(log) if code == 0 and os.path.isfile(log) else None
+    row["status"] = "timed out" if code is None else f"exit {code}" if code else "ok" if rate else "no units_per_s"
+    if row["status"] == "ok":
+        params, tokens = run_shape(r["out_dir"], r["llm"])
+        row.update(units_per_s=rate, tokens_per_s=rate * (tokens or 1), params_m=params / 1e6)
+        m = mfu(params, row["tokens_per_s"], peak)
+        row["mfu"] = f"{100 * m:.1f}%" if m is not None else "n/a"
+    return row
+
+
+def gpu_check(cfg):
+    """Prepare data/synthetic if missing (and no data_dir given), run gpu_check_runs one after another within
+    gpu_check_timeout seconds in all, print the table (and write it to gpu_check_dir/summary.json). Exits 1, naming
+    the failed runs and showing their output's tail, when any fails."""
+    deadline, check_dir = time.time() + cfg.gpu_check_timeout, os.path.abspath(cfg.gpu_check_dir)
+    os.makedirs(check_dir, exist_ok=True)
+    if not cfg.data_dir and not os.path.isfile(os.path.join(HERE, "data", "synthetic", "meta.json")):
+        print("preparing data/synthetic: python data.py", flush=True)
+        if run_logged([sys.executable, "data.py"], os.path.join(check_dir, "data.log"), deadline - time.time()) != 0:
+            raise SystemExit(f"gpu check FAILED: python data.py\n{log_tail(os.path.join(check_dir, 'data.log'))}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = []
+    for r in gpu_check_runs(cfg):
+        print("torchrun " + " ".join(r["cmd"][3:]), flush=True)  # python -m torch.distributed.run: this venv's torchrun
+        shutil.rmtree(r["out_dir"], ignore_errors=True)  # train() appends to log.jsonl: start from an empty one
+        os.makedirs(r["out_dir"])
+        t0 = time.time()
+        code = run_logged(r["cmd"], os.path.join(r["out_dir"], "run.log"), deadline - time.time())
+        rows.append(check_row(r, code, time.time() - t0, peak_flops(device)))
+        if rows[-1]["status"] != "ok":
+            print(f"{r['run']}: {rows[-1]['status']}; the end of {r['out_dir']}/run.log:\n"
+                  f"{log_tail(os.path.join(r['out_dir'], 'run.log'))}", flush=True)
+    print_table(f"6. GPU check on {device}: training throughput (units/s after the first logged window) and MFU "
+                f"(6·params·tokens/s over the dense bf16 peak)", rows,
+                [("run", "run", ""), ("dtype", "dtype", ""), ("compile", "compile", ""), ("steps", "steps", "d"),
+                 ("wall s", "wall_s", ".0f"), ("units/s", "units_per_s", ",.0f"), ("unit", "unit", ""),
+                 ("tokens/s", "tokens_per_s", ",.0f"), ("params (M)", "params_m", ".1f"), ("MFU", "mfu", ""),
+                 ("status", "status", "")])
+    with open(os.path.join(check_dir, "summary.json"), "w") as f:
+        json.dump(dict(device=device, rows=rows, commands=[r["cmd"] for r in gpu_check_runs(cfg)]), f, indent=2)
+    if failed := [f"{r['run']} ({r['status']})" for r in rows if r["status"] != "ok"]:
+        raise SystemExit(f"gpu check FAILED: {', '.join(failed)}")
+    print("gpu check passed")
+    return rows
 
 
 def print_table(title, rows, columns):
@@ -279,8 +525,22 @@ def tokenizers():
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    if cfg.gpu_check:
+        return gpu_check(cfg)
+    if cfg.bench_dtype:  # only table 5, no dataset needed
+        torch.manual_seed(cfg.seed)
+        rows = bench_dtype(dtype_cases(cfg.bench_gpt2_batch, cfg.bench_gpt2_len), cfg.steps)
+        caps = torch.cpu.get_capabilities()
+        print_table(f"5. forward + backward per step, fp32 vs bf16 autocast, CPU {caps.get('cpu_name', '?')} "
+                    f"(avx512_bf16 {caps.get('avx512_bf16')}, amx_bf16 {caps.get('amx_bf16')}), torch threads "
+                    f"{torch.get_num_threads()}, median of {cfg.steps} steps", rows,
+                    [("model", "model", ""), ("params (M)", "params_m", ".2f"), ("per step", "units", ""),
+                     ("fp32 ms/step", "fp32_ms", ".1f"), ("bf16 ms/step", "bf16_ms", ".1f"),
+                     ("speedup", "speedup", ".2f"), ("fp32 units/s", "fp32_per_s", ",.0f"),
+                     ("bf16 units/s", "bf16_per_s", ",.0f")])
+        return rows
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     if cfg.encoder:  # only the encoder benchmark
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
