@@ -9,6 +9,7 @@ the user history in embeddings, where TextPrompt spells the history out as text.
     python flops.py --gpu_check=True                   # on a GPU: the training scripts in bf16 + compile, <= 8 min
     python flops.py --gpu_check=True --gpu_check_steps=6 --gpu_check_fp16_steps=3 --gpu_check_dtype=float32 \
         --gpu_check_compile=False "--gpu_check_shape=(1,2,32)" "--gpu_check_batch=(16,8)"   # its plumbing, CPU, 30 s
+    python flops.py --bench_prepare=True               # 7 only: prepare 20M MovieLens-format events, batch examples/s
 
 Three tables, printed and written as JSON to --out (default out/flops.json):
 1. tokens (Table 3): LLM input tokens per example, TextPrompt TP-N (the last N events as text, then the query) for
@@ -28,6 +29,8 @@ The other modes print one table each:
    GPT-2-small-shaped GPT from scratch and a random encoder) under torchrun, in bf16 with torch.compile and in fp16
    (GradScaler), 30/10 steps within 450 s in all; units/s from their log.jsonl (encoder: events; LLM: examples, times
    the mean prompt + answer tokens) and MFU = 6 x params x tokens/s / the GPU's dense bf16 peak. Exits 1 if a run fails.
+7. data preparation at scale: `python data.py --dataset=ml20m` on a generated bench_events-row ratings.csv shaped
+   like ml-20m (under bench_dir, kept for reruns): seconds and peak memory, then batch assembly examples/s, B=1024.
 
 FLOPs are counted by torch.utils.flop_counter (matmuls and attention; elementwise ops, softmax and LayerNorm are not
 counted; attention is counted over the full T x T square, as the counter does for causal kernels on GPU too).
@@ -37,6 +40,7 @@ offline; FLOPs and time don't depend on weight values); the other GPT-2 sizes wo
 Dimension letters: B batch, T text tokens (padded batch length), P soft-prompt positions (n_task + M), M user
 embeddings the LLM sees (N events, or the Perceiver's latents), N history events.
 """
+import csv
 import json
 import os
 import shutil
@@ -55,6 +59,7 @@ import train_llm
 from common import adamw, configure, seeded_subset, to_device
 from data import UserData, batch_targets
 from model import GPT2_NAMES
+from sources import GENRES, write_ratings_csv
 from train_llm import QUERY, Prompter, build_model, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +76,7 @@ DEFAULTS = dict(
     threads=0, seed=1337,  # threads 0: every core this process may use (on a busy machine 1 times more steadily)
     encoder="",  # a train_encoder.py config: print only table 4, that encoder's training throughput
     bench_dtype=False, bench_gpt2_batch=2, bench_gpt2_len=256,  # table 5 only: fp32 vs bf16 autocast on the CPU
+    bench_prepare=False, bench_events=20_000_000, bench_dir="data/bench",  # 7 only: prepare at scale (its raw files)
     # the GPU check only (see gpu_check): steps of the bf16 runs and of the fp16 one, their dtype and torch.compile,
     # the LLM's (n_layer, n_head, n_embd), (encoder, LLM) batch sizes, all runs' total seconds, their out_dirs
     gpu_check=False, gpu_check_steps=30, gpu_check_fp16_steps=10, gpu_check_dtype="bfloat16", gpu_check_compile=True,
@@ -524,11 +530,68 @@ def tokenizers():
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. data preparation at scale: data.py on an ml-20m-sized ratings.csv, then batch assembly
+
+def write_bench_files(raw_dir, n_events, seed):
+    """A MovieLens-format ratings.csv/movies.csv shaped like ml-20m (138k users, 27k movies, Zipf popularity, file
+    ordered by user then movie), generated vectorised: the input of the scale benchmark."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = max(1, n_events // 145), 27_000
+    w = rng.exponential(1.0, n_users)
+    lengths = 20 + np.floor(w / w.sum() * (n_events - 20 * n_users)).astype(np.int64)
+    lengths[: n_events - lengths.sum()] += 1
+    user = np.repeat(np.arange(1, n_users + 1), lengths)
+    cdf = np.cumsum(np.arange(1, n_items + 1) ** -1.0)
+    item = np.searchsorted(cdf, rng.random(n_events) * cdf[-1]) + 1
+    order = np.lexsort((item, user))
+    rating = rng.integers(1, 11, n_events) / 2
+    ts = rng.integers(789652009, 1427784002, n_events)
+    os.makedirs(raw_dir, exist_ok=True)
+    write_ratings_csv(os.path.join(raw_dir, "ratings.csv"), user, item[order], rating, ts)
+    with open(os.path.join(raw_dir, "movies.csv"), "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(("movieId", "title", "genres"))
+        wr.writerows((i, f"Movie {i}, The ({1900 + i % 115})", "|".join(rng.choice(GENRES, 2, replace=False)))
+                     for i in range(1, n_items + 1))
+
+
+def bench_prepare(cfg, seconds=3):
+    """Prepare time and peak memory on a bench_events ratings.csv (data.py in a fresh process, so generating the
+    file doesn't count), then batch assembly examples/s at N=50 and 200, B=1024, each timed for `seconds`."""
+    import resource
+    raw, out = os.path.join(cfg.bench_dir, "raw"), os.path.join(cfg.bench_dir, "prepared")
+    if not os.path.exists(os.path.join(raw, "ratings.csv")):
+        t0 = time.time()
+        write_bench_files(raw, cfg.bench_events, cfg.seed)
+        print(f"wrote {os.path.join(raw, 'ratings.csv')} ({cfg.bench_events:,} events) in {time.time() - t0:.0f}s")
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--dataset=ml20m", f"--raw_dir={raw}",
+                    f"--out_dir={out}"], check=True)
+    secs, peak = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB
+    d = UserData(out)
+    train = d.targets("train")
+    print(f"prepare: {d.meta['n_events']:,} events, {d.n_users:,} users in {secs:.1f}s, peak RSS {peak:.2f} GiB; "
+          f"{len(train):,} training examples")
+    rows = []
+    for N in (50, 200):
+        batch_targets(train, 0, 1024, 0)  # the epoch permutation is computed once per epoch, not per step
+        step, t0 = 0, time.time()
+        while time.time() - t0 < seconds:
+            d.batch(batch_targets(train, step, 1024, 0), N)
+            step += 1
+        rows.append(dict(N=N, examples_per_s=step * 1024 / (time.time() - t0)))
+        print(f"batch N={N}, B=1024: {rows[-1]['examples_per_s']:,.0f} examples/s (one core)")
+    return dict(n_events=d.meta["n_events"], n_users=d.n_users, prepare_s=secs, peak_rss_gib=peak, batch=rows)
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     if cfg.gpu_check:
         return gpu_check(cfg)
+    if cfg.bench_prepare:  # only 7, its own data
+        return bench_prepare(cfg)
     if cfg.bench_dtype:  # only table 5, no dataset needed
         torch.manual_seed(cfg.seed)
         rows = bench_dtype(dtype_cases(cfg.bench_gpt2_batch, cfg.bench_gpt2_len), cfg.steps)

@@ -1,5 +1,5 @@
-"""Tests of data.py (issue 2): readers on publisher-format fixtures, splits, windows, synthetic oracle, downloads.
-Run: python -m pytest tests/test_data.py -q"""
+"""Tests of data.py and sources.py: readers on publisher-format fixtures, splits, windows, the synthetic oracle,
+downloads, and flops.py's prepare benchmark input. Run: python -m pytest tests/test_data.py -q"""
 import gzip
 import json
 import zipfile
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import data
+import sources
 
 
 def prep(tmp_path, name, **kw):
@@ -88,7 +89,8 @@ def test_ml1m_reader_latin1(tmp_path, capsys):
 def test_ml100k_reader(tmp_path):
     flags = lambda *on: '|'.join('1' if k in on else '0' for k in range(19))
     write(tmp_path / 'raw' / 'u.data', b'196\t242\t3\t881250949\n196\t1\t4\t881250950\n196\t242\t5\t881250951\n')
-    write(tmp_path / 'raw' / 'u.item', (f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|{flags(3, 4, 5)}\n"
+    write(tmp_path / 'raw' / 'u.item', (
+          f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|{flags(3, 4, 5)}\n"
           f"242|Kolya (1996)|24-Jan-1997||http://us.imdb.com/M/title-exact?Kolya|{flags(5)}\n"
           f"243|Café (1997)|01-Jan-1997||http://x|{flags()}\n").encode('latin-1'))
     d = prep(tmp_path, 'ml100k')
@@ -127,7 +129,8 @@ def test_amazon_reader(tmp_path, capsys):
 
 
 def test_google_reader_plain_and_null_fields(tmp_path, capsys):
-    rev = lambda u, g, y, t, text: dict(user_id=u, name='x', time=t, rating=y, text=text, pics=None, resp=None, gmap_id=g)
+    rev = lambda u, g, y, t, text: dict(user_id=u, name='x', time=t, rating=y, text=text, pics=None, resp=None,
+                                        gmap_id=g)
     write(tmp_path / 'raw' / 'review-New_York.json.gz', _jsonl([
         rev('101', '0x1', 5, 1_600_000_000_000, None), rev('101', '0x2', 4, 1_600_000_100_000, 'Good'),
         json.dumps(rev('101', '0x1', 3, 1_600_000_200_000, 'Caf#')).encode().replace(b'#', b'\xe9'),
@@ -137,7 +140,8 @@ def test_google_reader_plain_and_null_fields(tmp_path, capsys):
         dict(name='Park', gmap_id='0x2', category=None)]))
     d = prep(tmp_path, 'google_ny')
     out = capsys.readouterr().out
-    assert 'review-New_York.json.gz: kept 3, dropped 1 (short user (< 3 events; 1 users): 1); repaired invalid utf-8: 1' in out
+    assert ('review-New_York.json.gz: kept 3, dropped 1 (short user (< 3 events; 1 users): 1); '
+            'repaired invalid utf-8: 1') in out
     assert d.user_ids == ['101'] and d.item_titles == ['<pad>', "Joe's Pizza", 'Park']
     assert d.genre_names == ['<pad>', '(no category)', 'Pizza restaurant']
     assert list(d.timestamps) == [1_600_000_000, 1_600_000_100, 1_600_000_200]  # ms -> s
@@ -156,7 +160,7 @@ def test_missing_raw_file_names_path_and_url(tmp_path):
     with pytest.raises(SystemExit) as e:
         prep(tmp_path, 'amazon_movies')
     msg = str(e.value)
-    assert str(tmp_path / 'raw' / 'Movies_and_TV.json.gz') in msg and data.DATASETS['amazon_movies'][1][
+    assert str(tmp_path / 'raw' / 'Movies_and_TV.json.gz') in msg and sources.DATASETS['amazon_movies'][1][
         'Movies_and_TV.json.gz'] in msg and '\n' not in msg
 
 
@@ -167,13 +171,15 @@ def test_download_file_url_and_zip(tmp_path):
     with zipfile.ZipFile(tmp_path / 'ml-1m.zip', 'w') as z:
         for f in ('ratings.dat', 'movies.dat'):
             z.write(src / 'ml-1m' / f, f'ml-1m/{f}')
-    got = data.download((tmp_path / 'ml-1m.zip').as_uri(), tmp_path / 'dl' / 'copy.zip')
-    assert got.read_bytes() == (tmp_path / 'ml-1m.zip').read_bytes() and not (tmp_path / 'dl' / 'copy.zip.part').exists()
+    got = sources.download((tmp_path / 'ml-1m.zip').as_uri(), tmp_path / 'dl' / 'copy.zip')
+    assert got.read_bytes() == (tmp_path / 'ml-1m.zip').read_bytes()
+    assert not (tmp_path / 'dl' / 'copy.zip.part').exists()
     url = (tmp_path / 'ml-1m.zip').as_uri()
-    p = data.raw_file(tmp_path / 'raw', 'ratings.dat', url, fetch=True)  # downloads and flattens the zip's folder
+    p = sources.raw_file(tmp_path / 'raw', 'ratings.dat', url, fetch=True)  # downloads and flattens the zip's folder
     assert p.read_bytes() == (src / 'ml-1m' / 'ratings.dat').read_bytes() and (tmp_path / 'raw' / 'movies.dat').exists()
-    with pytest.raises(SystemExit, match=r'could not download nothing\.gz from http://127\.0\.0\.1:9/nothing\.gz .*put it at'):
-        data.download('http://127.0.0.1:9/nothing.gz', tmp_path / 'nothing.gz', timeout=2)
+    with pytest.raises(SystemExit,
+                       match=r'could not download nothing\.gz from http://127\.0\.0\.1:9/nothing\.gz .*put it at'):
+        sources.download('http://127.0.0.1:9/nothing.gz', tmp_path / 'nothing.gz', timeout=2)
 
 
 def test_read_numeric_chunks_and_slow_path(tmp_path):
@@ -181,15 +187,15 @@ def test_read_numeric_chunks_and_slow_path(tmp_path):
     n = 500
     u, i, t = rng.integers(1, 10 ** 6, n), rng.integers(1, 200_000, n), rng.integers(0, 2 * 10 ** 9, n)
     r = rng.integers(1, 11, n) / 2
-    data.write_ratings_csv(tmp_path / 'r.csv', u, i, r, t)
+    sources.write_ratings_csv(tmp_path / 'r.csv', u, i, r, t)
     lines = (tmp_path / 'r.csv').read_bytes().split(b'\n')
     assert lines[1] == f'{u[0]},{i[0]},{r[0]:.1f},{t[0]}'.encode()
     lines[300] = b'1,2,3'  # one malformed line in one chunk
     (tmp_path / 'r.csv').write_bytes(b'\n'.join(lines))
     for chunk in (1 << 20, 97):  # one chunk / many chunks cut mid-line
-        rep = data.Report(tmp_path / 'r.csv')
-        (cu, ci, cr, ct), ln = data.read_numeric(tmp_path / 'r.csv', b',', (np.int64,) * 2 + (np.float32, np.int64),
-                                                 [0, 1, 3], rep, header=True, chunk_bytes=chunk)
+        rep = sources.Report(tmp_path / 'r.csv')
+        (cu, ci, cr, ct), ln = sources.read_numeric(tmp_path / 'r.csv', b',', (np.int64, np.int64, np.float32,
+                                                    np.int64), [0, 1, 3], rep, header=True, chunk_bytes=chunk)
         keep = np.arange(n) != 299
         assert rep.dropped == {'malformed line': 1} and list(ln[298:300]) == [300, 302]
         assert (cu == u[keep]).all() and (ci == i[keep]).all() and (cr == r[keep]).all() and (ct == t[keep]).all()
@@ -254,7 +260,7 @@ def test_bad_zip_download_is_one_line_error(tmp_path, damage):
         b[mid:mid + 64] = bytes(64)
     (tmp_path / 'ml-1m.zip').write_bytes(bytes(b))
     with pytest.raises(SystemExit) as e:
-        data.raw_file(tmp_path / 'raw', 'ratings.dat', (tmp_path / 'ml-1m.zip').as_uri(), fetch=True)
+        sources.raw_file(tmp_path / 'raw', 'ratings.dat', (tmp_path / 'ml-1m.zip').as_uri(), fetch=True)
     msg = str(e.value)
     assert msg.startswith(f"{tmp_path / 'raw' / 'ml-1m.zip'}: the zip file is truncated or corrupt (")
     assert '\n' not in msg
@@ -376,37 +382,52 @@ def test_favourite_tie_break():
 def test_synthetic_deterministic(tmp_path):
     kw = dict(n_users=50, n_items=40, n_genres=5, min_len=5, max_len=10, p_seq=0.4, p_drift=0.05)
     files = lambda p: {f: (p / f).read_bytes() for f in ('ratings.csv', 'movies.csv', 'reviews.csv')}
-    data.generate_synthetic(tmp_path / 'a', seed=1, **kw)
-    data.generate_synthetic(tmp_path / 'b', seed=1, **kw)
-    data.generate_synthetic(tmp_path / 'c', seed=2, **kw)
+    sources.generate_synthetic(tmp_path / 'a', seed=1, **kw)
+    sources.generate_synthetic(tmp_path / 'b', seed=1, **kw)
+    sources.generate_synthetic(tmp_path / 'c', seed=2, **kw)
     assert files(tmp_path / 'a') == files(tmp_path / 'b')
     assert files(tmp_path / 'a')['ratings.csv'] != files(tmp_path / 'c')['ratings.csv']
 
 
 def test_oracle_agrees_with_sampling():
     rng = np.random.default_rng(0)
-    world = data.make_world(60, 6, 0.4, rng)
-    pref = data._preference(np.array([[1, 4, 0]]), np.array([[0.7, 0.3, 0.0]]), 6)  # (1, G)
+    world = sources.make_world(60, 6, 0.4, rng)
+    pref = sources._preference(np.array([[1, 4, 0]]), np.array([[0.7, 0.3, 0.0]]), 6)  # (1, G)
     for prev in (-1, 17):
-        draws = data.sample_next(world, np.repeat(pref, 200_000, 0), np.full(200_000, prev), rng)
+        draws = sources.sample_next(world, np.repeat(pref, 200_000, 0), np.full(200_000, prev), rng)
         freq = np.bincount(draws, minlength=60) / len(draws)
-        p = data.next_item_probs(world, pref, np.array([prev]))[0]
+        p = sources.next_item_probs(world, pref, np.array([prev]))[0]
         assert abs(p.sum() - 1) < 1e-9 and 0.5 * np.abs(freq - p).sum() < 0.02  # total variation
 
 
 def test_oracle_on_prepared_data(syn):
     d = syn
-    probs, fav = data.synthetic_oracle(d, 'test')
+    probs, fav = sources.synthetic_oracle(d, 'test')
     target = d.feats[0][d.targets('test')]
     top10 = np.argsort(-probs, 1)[:, :10]
     hit = (top10 == target[:, None]).any(1).mean()
-    assert abs(hit - data.oracle_recall(d, 'test', 10)) < 0.08  # 300 users: std ~ 0.03
+    oracle = sources.oracle_recall(d, 'test', ks=(10,))['recall@10']
+    assert abs(hit - oracle) < 0.08  # 300 users: std ~ 0.03
     pop = np.bincount(d.feats[0][d.targets('train')], minlength=d.vocab_sizes[0])
     pop[0] = 0
     most_popular = np.isin(target, np.argsort(-pop)[:10]).mean()
-    assert data.oracle_recall(d, 'test', 10) > 0.5 > 2 * most_popular
+    assert oracle > 0.5 > 2 * most_popular
     assert set(fav) <= set(range(1, d.vocab_sizes[1]))
     assert (d.batch(d.targets('test'), 50)['fav'].numpy() == fav).mean() > 0.5  # the latent genre shows in the history
+
+
+def test_oracle_recall_on_a_subset(syn):
+    d = syn
+    probs, _ = sources.synthetic_oracle(d, 'val')
+    every = d.targets('val')
+    sub = every[::7]
+    top = -np.sort(-probs[::7], 1)  # (B, V) largest first
+    got = sources.oracle_recall(d, 'val', ks=(1, 5), targets=sub)
+    assert got == {'recall@1': float(top[:, 0].mean()), 'recall@5': float(top[:, :5].sum(1).mean())}
+    assert sources.oracle_recall(d, 'val', ks=(5,), targets=every) == sources.oracle_recall(d, 'val', ks=(5,))
+    assert 0 < got['recall@1'] < got['recall@5'] < 1
+    with pytest.raises(ValueError, match='targets'):
+        sources.oracle_recall(d, 'val', targets=d.targets('test')[:3])
 
 
 def test_batch_targets_resumable_epochs():
@@ -422,7 +443,8 @@ def test_text_and_reviews(syn):
     d = syn
     t = int(d.targets('test')[0])
     parts = d.history_text(t, 3).split('; ')
-    assert len(parts) == 3 and parts[-1] == f"{d.item_titles[d.feats[0][t - 1]]}, {d.rating_values[d.feats[2][t - 1]]:g}"
+    last = f"{d.item_titles[d.feats[0][t - 1]]}, {d.rating_values[d.feats[2][t - 1]]:g}"
+    assert len(parts) == 3 and parts[-1] == last
     title = d.item_titles[d.feats[0][t]]
     assert title in d.review(t)
 
@@ -432,3 +454,15 @@ def test_config_rejects_typo():
         data.main(['--datset=ml1m'])
     with pytest.raises(SystemExit, match='unknown dataset'):
         data.main(['--dataset=ml2m'])
+
+
+def test_prepare_benchmark_small(tmp_path, capsys):
+    """flops.py --bench_prepare=True end to end on 3,000 events: the ml-20m-shaped input prepares whole."""
+    import flops
+    from common import configure
+    cfg = configure(flops.DEFAULTS, ['--bench_events=3000', f'--bench_dir={tmp_path}', '--seed=0'])
+    r = flops.bench_prepare(cfg, seconds=0.05)
+    assert r['n_events'] == 3000 and r['n_users'] == 3000 // 145 and [b['N'] for b in r['batch']] == [50, 200]
+    ratings = (tmp_path / 'raw' / 'ratings.csv').read_bytes()
+    assert ratings.startswith(b'userId,movieId,rating,timestamp\n') and ratings.count(b'\n') == 3001
+    assert 'prepare: 3,000 events, 20 users' in capsys.readouterr().out
