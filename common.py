@@ -341,126 +341,178 @@ class Selection:
         return best is None or (value > best if self.higher_is_better else value < best)
 
 
-def trim_log(path, last_step):
-    """Keep the lines of log.jsonl up to the checkpoint's step (a resume recomputes the rest; a fresh run keeps none),
-    so that no step is logged twice."""
-    rows = []
-    if last_step >= 0 and os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+class RunLog:
+    """out_dir/log.jsonl (one JSON object per line: training rows {step, loss, lr, units_per_s}, validation rows
+    {step, val_*}) and the progress bar, on the master process only. Opening it for a run keeps the lines up to the
+    step the run starts from (a resume recomputes the rest; a fresh run keeps none), so no step is logged twice."""
+
+    def __init__(self, cfg, ctx, start_step, resumed):
+        from tqdm import tqdm
+        self.master, self.path = ctx.master, os.path.join(cfg.out_dir, "log.jsonl")
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not ctx.master, dynamic_ncols=True)
+        self.t0, self.t0_step = time.time(), start_step
+        if self.master:
+            rows = []
+            if resumed and os.path.isfile(self.path):
+                with open(self.path) as f:
+                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            self.file = open(self.path, "w")
+            self.file.writelines(rows)
+
+    def validation(self, step, metrics):
+        if self.master:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})  # flushed: never lost to a kill
+
+    def training(self, step, loss, lr, examples_per_step):
+        """A training row every log_interval steps: loss, lr and throughput since the last row."""
+        if self.master:
+            rate = (step - self.t0_step) * examples_per_step / max(time.time() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.write({"step": step, "loss": loss, "lr": lr, "units_per_s": rate})
+            self.t0, self.t0_step = time.time(), step
+
+    def write(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.master:
+            self.file.close()
 
 
-def restore(path, raw_model, optimizer, scaler, ctx, data=None):
-    """Load a training checkpoint into model, optimizer, scaler and the RNGs, after checking it was trained on this
-    data (a fingerprint, see check_data). Returns (step, best, metrics)."""
-    ckpt = load_checkpoint(path, map_location=ctx.device)
-    if data is not None:
-        check_data(ckpt.get("data"), data, path)
-    load_weights(raw_model, ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][min(ctx.rank, len(ckpt["rng"]["cuda"]) - 1)].cpu())
-    return ckpt["step"], ckpt["best"], ckpt["metrics"]
+@dataclass
+class Run:
+    """What a training run carries from step to step, and what a checkpoint stores of it."""
+    cfg: types.SimpleNamespace
+    ctx: Context
+    model: torch.nn.Module  # the plain model (not compiled, not DDP-wrapped): its parameter names go in checkpoints
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    extra: dict  # stored beside the weights: model config, dataset fingerprint, ...
+    step: int = 0
+    best: float = None  # the best validation value of the selection metric so far
+    metrics: dict = None  # the latest validation metrics
+
+    def save(self, path):
+        rng = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            rng["cuda"] = [torch.cuda.get_rng_state()]
+        save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "step": self.step, "best": self.best,
+                         "metrics": self.metrics, "config": vars(self.cfg), "rng": rng, **self.extra}, path)
+
+    def restore(self, path):
+        """Continue from a checkpoint of this run: weights, optimizer, scaler, RNGs, step; its data must be this data."""
+        ckpt = load_checkpoint(path, map_location=self.ctx.device)
+        if "data" in self.extra:
+            check_data(ckpt.get("data"), self.extra["data"], path)
+        load_weights(self.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if self.ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            cuda = ckpt["rng"]["cuda"]
+            torch.cuda.set_rng_state(cuda[min(self.ctx.rank, len(cuda) - 1)].cpu())
+        self.step, self.best, self.metrics = ckpt["step"], ckpt["best"], ckpt["metrics"]
 
 
-def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, checkpoint_extra, units_per_example=1):
-    """Run the loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
-    make_batch(ids) -> a batch on ctx.device; evaluate(raw_model) -> dict of metrics (all ranks take part, reduced);
-    select: a Selection, the validation metric that picks the best checkpoint; checkpoint_extra() -> what the caller
-    stores beside the weights (model config, dataset fingerprint, ...). Returns the final metrics."""
-    from tqdm import tqdm
-
+def start(cfg, ctx, model, optimizer, extra):
+    """A Run from scratch or, with init_from='resume', from out_dir/ckpt.pt; out_dir made ready (stale temporaries
+    removed, config.json written) only once everything has been checked."""
     check_train_config(cfg)
-    raw_model = model
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-    last_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    step, best, metrics = 0, None, {}
+    run = Run(cfg, ctx, model, optimizer, scaler, extra, metrics={})
     if cfg.init_from == "resume":
-        step, best, metrics = restore(last_path, raw_model, optimizer, scaler, ctx, checkpoint_extra().get("data"))
+        run.restore(os.path.join(cfg.out_dir, "ckpt.pt"))
         if ctx.master:
-            print(f"resumed from {last_path} at step {step} (best {select.metric} so far {best:.4f})")
-    resumed_at = step if cfg.init_from == "resume" else -1  # that step's validation is in the checkpoint already
-    if cfg.compile:
-        model = torch.compile(model)  # raw_model keeps the plain parameter names for checkpoints
-    if ctx.world_size > 1:
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+            print(f"resumed from {cfg.out_dir}/ckpt.pt at step {run.step} (best so far {run.best:.4f})")
     if ctx.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         remove_stale_temporaries(cfg.out_dir)
-        trim_log(log_path, resumed_at)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))  # only now: everything has been checked
-    log = open(log_path, "a") if ctx.master else None
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not ctx.master, dynamic_ncols=True)
-    t0, t0_step = time.time(), step
+        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+    return run
 
-    def checkpoint(path):
-        rng = {"cpu": torch.get_rng_state()}
-        if ctx.device.type == "cuda":
-            rng["cuda"] = [torch.cuda.get_rng_state()]
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "best": best, "metrics": metrics,
-                         "config": vars(cfg), "rng": rng, **checkpoint_extra()}, path)
 
+def validate(run, evaluate, select, log):
+    """Evaluate on the validation split (every rank), log it, save ckpt.pt and, when it improved, best.pt."""
+    run.model.eval()
+    with torch.no_grad(), run.ctx.autocast():
+        run.metrics = evaluate(run.model)
+    run.model.train()
+    improved = select.improved(run.metrics[select.metric], run.best)
+    run.best = run.metrics[select.metric] if improved else run.best
+    log.validation(run.step, run.metrics)
+    if run.ctx.master:
+        run.save(os.path.join(run.cfg.out_dir, "ckpt.pt"))
+        if improved:
+            run.save(os.path.join(run.cfg.out_dir, "best.pt"))
+
+
+def accumulate_gradients(model, micro, make_batch, run):
+    """Forward + backward over this rank's micro-batches of the step; returns the global-batch mean loss."""
+    loss_sum = 0.0
+    for i, ids in enumerate(micro):
+        batch = make_batch(ids)
+        sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-step
+        with (contextlib.nullcontext() if sync or run.ctx.world_size == 1 else model.no_sync()), run.ctx.autocast():
+            loss = model(batch) / len(micro)  # the mean over this rank's micro-batches; DDP then averages the ranks
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    return all_reduce_sum([loss_sum], run.ctx)[0] / run.ctx.world_size
+
+
+def stop_if_not_finite(loss, run, log):
+    """A NaN/inf loss stops the run before the bad update, keeping the last good checkpoint."""
+    if not math.isfinite(loss):
+        log.close()
+        if run.ctx.master:
+            print(f"loss is {loss} at step {run.step}: stopping. The last good checkpoint is "
+                  f"{run.cfg.out_dir}/ckpt.pt (try a lower lr, or dtype=float32)")
+        cleanup_distributed(run.ctx)
+        raise SystemExit(1)
+
+
+def clip_and_step(run):
+    if run.cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, extra, units_per_example=1):
+    """The training loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
+    make_batch(ids) -> a batch on ctx.device; evaluate(model) -> dict of validation metrics (all ranks take part);
+    select: a Selection, the metric that picks best.pt; extra: what checkpoints store beside the weights.
+    Returns the last validation metrics."""
+    run = start(cfg, ctx, model, optimizer, extra)
+    log = RunLog(cfg, ctx, run.step, resumed=cfg.init_from == "resume")
+    validated = run.step if cfg.init_from == "resume" else -1  # that step's validation is in the checkpoint already
+    if cfg.compile:
+        model = torch.compile(model)  # run.model keeps the plain parameter names for checkpoints
+    if ctx.world_size > 1:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     while True:
-        lr = get_lr(step, cfg.lr, cfg.warmup_steps, decay_steps, cfg.min_lr)
+        lr = get_lr(run.step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        if (step % cfg.eval_interval == 0 or step == cfg.max_steps) and step != resumed_at:
-            raw_model.eval()
-            with torch.no_grad(), ctx.autocast():
-                metrics = evaluate(raw_model)
-            raw_model.train()
-            improved = select.improved(metrics[select.metric], best)
-            best = metrics[select.metric] if improved else best
-            if ctx.master:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}) + "\n")
-                log.flush()  # a validation is never lost to a kill
-                checkpoint(last_path)
-                if improved:
-                    checkpoint(best_path)
-        if step == cfg.max_steps:
+        if (run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps) and run.step != validated:
+            validate(run, evaluate, select, log)
+        if run.step == cfg.max_steps:
             break
-        micro = micro_batch_targets(global_batch(step), ctx, cfg.grad_accum)
-        loss_sum = 0.0
-        for i, ids in enumerate(micro):
-            batch = make_batch(ids)
-            sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-step
-            with (contextlib.nullcontext() if sync or ctx.world_size == 1 else model.no_sync()), ctx.autocast():
-                # the mean over this rank's micro-batches; DDP then averages over the ranks: the global-batch mean
-                loss = model(batch) / len(micro)
-            scaler.scale(loss).backward()
-            loss_sum += loss.item()
-        loss_sum = all_reduce_sum([loss_sum], ctx)[0] / ctx.world_size  # the global-batch mean loss
-        if not math.isfinite(loss_sum):
-            if ctx.master:
-                bar.close()
-                print(f"loss is {loss_sum} at step {step}: stopping. The last good checkpoint is {last_path} "
-                      f"(try a lower lr, or dtype=float32)")
-            cleanup_distributed(ctx)
-            raise SystemExit(1)
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if ctx.master and (step % cfg.log_interval == 0 or step == cfg.max_steps):
-            rate = (step - t0_step) * cfg.batch_size * units_per_example / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-            log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "units_per_s": rate}) + "\n")
-            log.flush()
-            t0, t0_step = time.time(), step
-    bar.close()
+        micro = micro_batch_targets(global_batch(run.step), ctx, cfg.grad_accum)
+        loss = accumulate_gradients(model, micro, make_batch, run)
+        stop_if_not_finite(loss, run, log)
+        clip_and_step(run)
+        run.step += 1
+        log.bar.update(1)
+        if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
+            log.training(run.step, loss, lr, cfg.batch_size * units_per_example)
+    log.close()
     if ctx.master:
-        log.close()
-        print(f"done: best validation {select.metric} {best:.4f}; checkpoints {best_path} (best), {last_path} (last)")
-    return metrics
+        print(f"done: best validation {select.metric} {run.best:.4f}; checkpoints {cfg.out_dir}/best.pt (best), "
+              f"{cfg.out_dir}/ckpt.pt (last)")
+    return run.metrics

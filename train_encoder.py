@@ -49,7 +49,6 @@ def main(argv):
     model = make_encoder(enc_cfg).to(ctx.device)
     if ctx.master:
         print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; config: {vars(cfg)}")
-    fingerprint = d.fingerprint()
     train_targets = d.targets("train", cfg.min_history)
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
     train(
@@ -59,7 +58,7 @@ def main(argv):
         evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, label_of(enc_cfg), device=ctx.device,
                                             loss_fn=m.loss, ctx=ctx),
         select=Selection("recall@10", higher_is_better=True),
-        checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(enc_cfg), "data": fingerprint},
+        extra={"encoder_config": dataclasses.asdict(enc_cfg), "data": d.fingerprint()},
         units_per_example=cfg.seq_len,
     )
     cleanup_distributed(ctx)

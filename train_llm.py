@@ -235,7 +235,6 @@ def main(argv):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"UserLLM: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained ({cfg.strategy}); config: {vars(cfg)}")
-    fingerprint = d.fingerprint()
     train_targets = d.targets("train", cfg.min_history)
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
 
@@ -246,9 +245,10 @@ def main(argv):
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), lr_mult={"gate_": cfg.gate_lr_mult})
     train(cfg, ctx, model, optimizer,
           global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
-          make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx), select=Selection("loss", higher_is_better=False),
-          checkpoint_extra=lambda: {"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
-                                    "llm_config": dataclasses.asdict(model.llm.config), "data": fingerprint})
+          make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx),
+          select=Selection("loss", higher_is_better=False),
+          extra={"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
+                 "llm_config": dataclasses.asdict(model.llm.config), "data": d.fingerprint()})
     cleanup_distributed(ctx)
 
 

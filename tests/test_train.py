@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import data
+import sources
 import eval as evaluation
 import train_encoder
 import train_llm
@@ -135,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     ctx = Context(0, 0, 1, torch.device("cpu"), torch.float32)
     with pytest.raises(SystemExit):
         train(cfg, ctx, model, adamw(model, 0.1, 0.0), global_batch=lambda s: torch.zeros(4).numpy(),
-              make_batch=lambda ids: None, evaluate=lambda m: {"score": 0.0}, select=Selection("score"), checkpoint_extra=dict)
+              make_batch=lambda ids: None, evaluate=lambda m: {"score": 0.0}, select=Selection("score"), extra={})
     assert "loss is nan at step 3" in capsys.readouterr().out
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 2 and torch.isfinite(ckpt["model"]["w"]).all()
@@ -156,7 +157,7 @@ def evaluate(out_dir, data_dir):
 def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
     """Sec 3.1's encoder on data with a known answer: >= 80% of the oracle's test Recall@10, far above most-popular."""
     rows = evaluate(pretrained_encoder, synthetic)
-    oracle = data.oracle_recall(data.UserData(synthetic), "test", 10)
+    oracle = sources.oracle_recall(data.UserData(synthetic), "test", ks=(10,))["recall@10"]
     model, popular = rows["ar encoder"]["recall@10"], rows["most popular"]["recall@10"]
     assert model >= 0.8 * oracle, (model, oracle)
     assert model > 4 * popular, (model, popular)
