@@ -139,7 +139,8 @@ class Context:
 
 def setup_distributed(device="auto", dtype="auto", seed=1337):
     """One call for: torchrun process group, device, autocast dtype, seeds. Single process when not under torchrun."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    env = (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))  # set by torchrun
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in env)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world > 1 else device)
@@ -171,9 +172,11 @@ def all_reduce_sum(values, ctx):
 
 
 def to_device(batch, device):
-    """Move a data.UserData.batch() dict (tensors, or tuples of tensors per feature) to the device."""
+    """A batch dict of data.py (numpy arrays or tensors, or tuples of them: one per feature) as tensors on device."""
     def move(x):
-        return tuple(t.to(device, non_blocking=True) for t in x) if isinstance(x, tuple) else x.to(device, non_blocking=True)
+        if isinstance(x, tuple):
+            return tuple(move(t) for t in x)
+        return (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(device, non_blocking=True)
     return {k: move(v) for k, v in batch.items()}
 
 
@@ -200,6 +203,41 @@ def evaluate_loss(model, make_batch, targets, ctx, batch_size=64):
         n += len(ids)
     total, n = all_reduce_sum([total, n], ctx)
     return {"loss": total / max(n, 1)}
+
+
+def ranking_metrics(scores, target, ks=(1, 5, 10)):
+    """scores (B, V) over all candidates, target (B,) ids. Returns mean Recall@k for each k and NDCG@10. Ties count
+    against the target (its rank is 1 + the number of other candidates scoring >= it): a constant scorer gets no
+    credit."""
+    s = scores.float()
+    t = s.gather(1, target[:, None])  # (B, 1) the target's score
+    rank = (s > t).sum(1) + (s == t).sum(1) - 1  # 0-based; ties against the target
+    out = {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
+    gain = torch.where(rank < 10, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros_like(s[:, 0]))  # (B,)
+    out["ndcg@10"] = gain.mean().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate_ranking(score_fn, d, targets, seq_len, label="item", batch_size=256, device="cpu", loss_fn=None, ctx=None):
+    """Mean ranking metrics of score_fn(hist) -> (B, V) over the examples `targets` (label 'item' or 'fav'), plus the
+    mean loss_fn(batch) if given. With a distributed ctx, all ranks pass the same targets, each evaluates its share of
+    the batches, and all get the global means (the same numbers as one process)."""
+    sums, n = {}, 0
+    for ids in shard_batches(targets, batch_size, ctx):
+        batch = to_device(d.batch(ids, seq_len), device)
+        y = batch["target"][0] if label == "item" else batch["fav"]
+        metrics = ranking_metrics(score_fn(batch["hist"]), y)
+        if loss_fn is not None:
+            metrics["loss"] = loss_fn(batch).item()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        n += len(y)
+    if ctx is not None:  # every rank must hold the same keys, even one whose shard was empty
+        keys = [f"recall@{k}" for k in (1, 5, 10)] + ["ndcg@10"] + (["loss"] if loss_fn is not None else [])
+        *values, n = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], ctx)
+        sums = dict(zip(keys, values))
+    return {k: v / max(n, 1) for k, v in sums.items()}
 
 
 def cleanup_distributed(ctx):
@@ -311,7 +349,8 @@ TRAIN_DEFAULTS = dict(
 
 def micro_batch_targets(global_targets, ctx, grad_accum):
     """This rank's micro-batches of the global batch at `step`. The global batch is split into grad_accum equal chunks
-    whatever the world size, and rank r takes chunks r, r + W, ...: so W processes compute exactly what 1 process does."""
+    whatever the world size, and rank r takes chunks r, r + W, ...: so W processes compute exactly what 1 process
+    does."""
     if grad_accum % ctx.world_size or len(global_targets) % grad_accum:
         raise SystemExit(f"config: grad_accum={grad_accum} must be a multiple of the world size {ctx.world_size} and "
                          f"divide batch_size={len(global_targets)}")
@@ -404,7 +443,7 @@ class Run:
                          "metrics": self.metrics, "config": vars(self.cfg), "rng": rng, **self.extra}, path)
 
     def restore(self, path):
-        """Continue from a checkpoint of this run: weights, optimizer, scaler, RNGs, step; its data must be this data."""
+        """Continue from a checkpoint of this run (weights, optimizer, scaler, RNGs, step), trained on this data."""
         ckpt = load_checkpoint(path, map_location=self.ctx.device)
         if "data" in self.extra:
             check_data(ckpt.get("data"), self.extra["data"], path)

@@ -39,7 +39,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sources import (AMAZON, DATASETS, GOOGLE, generate_synthetic, raw_file, read_json_source, read_movielens,
                      write_oracle)
@@ -233,13 +232,13 @@ class UserData:
 
     def batch(self, targets, N):
         """Model inputs for targets: hist (per feature (B, N), left-padded with 0), target (per feature (B,)) and
-        fav (B,) the favourite genre/category of the window. All int64 CPU tensors."""
+        fav (B,) the favourite genre/category of the window. All int64 numpy arrays (common.to_device makes them
+        tensors on a device)."""
         t = np.asarray(targets, np.int64)
         idx, real = self.windows(t, N)
-        hist = [np.where(real, f[idx], 0) for f in self.feats]  # each (B, N)
-        as_t = lambda a: torch.from_numpy(a.astype(np.int64))
-        return dict(hist=tuple(map(as_t, hist)), target=tuple(as_t(f[t]) for f in self.feats),
-                    fav=as_t(favourite(hist[1])))
+        hist = [np.where(real, f[idx], 0).astype(np.int64) for f in self.feats]  # each (B, N)
+        return dict(hist=tuple(hist), target=tuple(f[t].astype(np.int64) for f in self.feats),
+                    fav=favourite(hist[1]).astype(np.int64))
 
     def history_text(self, target, k):
         """'Title, rating; Title, rating; ...' of the last k events before target, oldest to newest (TextPrompt)."""
@@ -255,6 +254,17 @@ class UserData:
         buf, off, row = self._reviews
         r = int(row[int(target)])
         return bytes(buf[off[r]:off[r + 1]]).decode('utf-8', 'replace')
+
+
+def popularity(d, feature=0):
+    """Counts of each id of a feature over the training events only (each user's last two events are val/test): the
+    most-popular baseline's scores, -inf for padding, which is never a candidate."""
+    keep = np.ones(len(d.feats[feature]), dtype=bool)
+    ends = d.offsets[1:]
+    keep[ends - 1] = keep[ends - 2] = False
+    counts = np.bincount(np.asarray(d.feats[feature])[keep], minlength=d.vocab_sizes[feature]).astype(np.float32)
+    counts[0] = -np.inf
+    return counts
 
 
 def favourite(genres):
@@ -286,6 +296,86 @@ def batch_targets(targets, step, batch_size, seed):
         m = epoch == e
         out[m] = targets[_epoch_permutation(seed, int(e), n)[within[m]]]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tasks as text (Sec 4.2-4.5): the LLM's prompts and answers, token ids as numpy arrays
+
+QUERY = {  # the task prompts: short and fixed, so the user context costs no extra text tokens (and bytes stay few)
+    "next_item": "The user's next item:",
+    "fav": "The user's favourite {feature}:",
+    "review_gen": "The user's review of {title}, rated {rating}:",
+}
+
+
+def get_tokenizer(llm):
+    """GPT-2's BPE (tiktoken r50k_base, the same as 'gpt2') for GPT-2 models; a byte-level encoding (256 byte tokens +
+    <|endoftext|>) for the from-scratch GPT, which needs no vocabulary file and so works offline."""
+    import tiktoken  # only the LLM side needs it
+    if llm == "scratch":
+        return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": 256})
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as e:
+        raise SystemExit(f"cannot load the GPT-2 tokenizer (tiktoken r50k_base): {e}".splitlines()[0] +
+                         "; offline, set TIKTOKEN_CACHE_DIR to a folder holding r50k_base's file")
+
+
+def unique_names(names):
+    """Catalogue names made unique (an answer must name one item): a repeated title gets its id, "Heat [412]"."""
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return [n if counts[n] == 1 else f"{n} [{i}]" for i, n in enumerate(names)]
+
+
+class Prompter:
+    """Turns examples into token sequences [prompt][answer][eot] with targets on the answer (and eot) only. The prompt
+    is the task's short query, after the last text_events events written out (TextPrompt, UserData.history_text)."""
+
+    def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens):
+        if task not in QUERY:
+            raise SystemExit(f"config: task must be one of {', '.join(QUERY)}, got '{task}'")
+        self.d, self.tok, self.task, self.k, self.max_text_tokens = d, tok, task, text_events, max_text_tokens
+        self.max_answer, self.eot = max_answer_tokens, tok.eot_token
+        self.names = unique_names(d.genre_names if task == "fav" else d.item_titles)  # id -> answer text
+        # the catalogue's answers, tokenized once (not in the batch hot path): " name" + eot
+        self.answers = [a + [self.eot] for a in tok.encode_ordinary_batch([" " + n for n in self.names])]
+
+    def prompts(self, targets):
+        """The prompt tokens of examples given by their target's flat event index."""
+        texts = []
+        for t in targets:
+            title, rating = self.d.item_titles[self.d.feats[0][t]], self.d.rating_values[self.d.feats[2][t]]
+            history = f"History: {self.d.history_text(t, self.k)}\n" if self.k else ""
+            query = QUERY[self.task].format(feature=self.d.features[1], title=title, rating=f"{rating:g}")
+            texts.append(history + query)
+        return self.tok.encode_ordinary_batch(texts)
+
+    def answer_tokens(self, targets, d_batch):
+        """The answers: the target item's title, the favourite genre/category's name, or the user's review."""
+        if self.task == "review_gen":
+            reviews = self.tok.encode_ordinary_batch([" " + self.d.review(t) for t in targets])
+            return [r[:self.max_answer] + [self.eot] for r in reviews]
+        ids = d_batch["fav"] if self.task == "fav" else d_batch["target"][0]
+        return [self.answers[i] for i in ids.tolist()]
+
+    def __call__(self, d_batch, targets):
+        """Add idx (B, T) and targets (B, T) -- -1 except on the answer tokens, right-padded -- to a data batch."""
+        P, A = self.prompts(targets), self.answer_tokens(targets, d_batch)
+        T = max(len(p) + len(a) for p, a in zip(P, A)) - 1
+        if T > self.max_text_tokens:
+            raise SystemExit(f"a prompt + answer of {T} tokens exceeds max_text_tokens={self.max_text_tokens}: raise "
+                             f"it or lower text_events / max_answer_tokens")
+        idx = np.full((len(P), T), self.eot, dtype=np.int64)
+        tgt = np.full((len(P), T), -1, dtype=np.int64)
+        for r, (p, a) in enumerate(zip(P, A)):
+            seq = p + a
+            idx[r, :len(seq) - 1] = seq[:-1]
+            tgt[r, len(p) - 1:len(seq) - 1] = a  # position t predicts token t + 1
+        d_batch["idx"], d_batch["targets"] = idx, tgt
+        return d_batch
 
 
 def main(argv):

@@ -25,9 +25,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP, Block
+from common import TRAIN_DEFAULTS
+from model import MLP, Block, init_weights
 
 KINDS = ('ar', 'bert4rec', 'dual')
+DEFAULTS = dict(  # every key of a train_encoder.py config (configs/synthetic_enc.py, ml20m.py, ...)
+    dataset='synthetic', data_dir='',  # data_dir '' -> data/<dataset>
+    seq_len=50, min_history=1,  # N events of history per example; training targets need min_history events before them
+    kind='ar', feature_dims=(64, 16, 16), n_embd=128, n_layer=2, n_head=4, dropout=0.1,
+    loss_weights=(1.0, 1.0, 1.0), mask_prob=0.2, n_user_embs=1, label_task='next_item',
+    **TRAIN_DEFAULTS,
+)
 
 
 @dataclass
@@ -68,13 +76,26 @@ class EncoderConfig:
         if self.n_user_embs < 1:
             raise ValueError(f"n_user_embs must be >= 1, got {self.n_user_embs}")
 
+    @property
+    def label(self):
+        """What the encoder ranks: the next 'item', or the favourite genre/category ('fav': a DualEnc trained on it)."""
+        return 'fav' if self.kind == 'dual' and self.label_task == 'fav' else 'item'
 
-def _init_weights(module):
-    # GPT-2 initialisation, as nanoGPT: N(0, 0.02) weights, zero biases.
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+
+def history_positions(seq_len):
+    """Positions an encoder needs for histories of seq_len events: one more, for the appended target or [MASK]."""
+    return seq_len + 1
+
+
+def encoder_config(cfg, vocab_sizes):
+    """The EncoderConfig of a train_encoder.py config (any namespace with its keys) on a dataset's vocabularies."""
+    keys = ('feature_dims', 'n_embd', 'n_layer', 'n_head', 'dropout', 'loss_weights', 'kind', 'mask_prob',
+            'n_user_embs', 'label_task')
+    try:
+        return EncoderConfig(vocab_sizes=tuple(vocab_sizes), block_size=history_positions(cfg.seq_len),
+                             **{k: getattr(cfg, k) for k in keys})
+    except ValueError as e:  # a bad value in the config: one line, no traceback
+        raise SystemExit(f"config: {e}")
 
 
 def masked_cross_entropy(logits, targets):
@@ -135,7 +156,7 @@ class UserEncoder(nn.Module):
         self.cfg = cfg
         self.trunk = EventTrunk(cfg, self.causal, self.n_extra_ids)
         self.proj = nn.ModuleList(nn.Linear(cfg.n_embd, d, bias=cfg.bias) for d in cfg.feature_dims)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def logits(self, h, f):
         """(..., C) -> (..., V_f + n_extra_ids) logits of feature f; padding and [MASK] columns are -inf."""
@@ -222,7 +243,7 @@ class DualEncoder(nn.Module):
         self.user_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.label_emb = nn.Embedding(cfg.vocab_sizes[0 if cfg.label_task == 'next_item' else 1], cfg.n_embd)
         self.label_mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, batch):
         return self.loss(batch)

@@ -3,7 +3,8 @@ Evaluation (paper Sec 4, Tables 2, 5-8): the test split, once, from a checkpoint
 
     python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10 (+ most popular)
     python eval.py --ckpt=out/synthetic-llm/best.pt     # a User-LLM / TextPrompt model: its task's metrics
-    (--max_examples=K: a seeded subset; --exact=True: also rank every title by log-likelihood; --beam=10)
+    (--max_examples=K: a seeded subset; --exact=True: also rank every title by log-likelihood; --beam=10 beams for
+    next-item beam search, --beam=0: none, next-item recall then comes from the exact ranking alone: exact_recall@k)
     python eval.py --runs=out/a,out/b --fig3=fig3.svg --curves=loss.svg   # plots of runs evaluated before
 
 Encoders (Table 2): every example is scored against every item of the catalogue (padding excluded). Nothing is
@@ -12,78 +13,37 @@ of other items scoring >= it), so a constant scorer gets no credit. A DualEnc tr
 is ranked over all genres/categories.
 LLMs (Sec 4.2): next item -> beam search constrained to the catalogue by a prefix trie over the tokenized titles
 (each ended by end-of-text), ranked by summed log-probability, no length normalisation; favourite genre/category ->
-every candidate ranked by log-likelihood; review generation -> greedy decoding scored by rouge-score (F1).
+every candidate ranked by log-likelihood; review generation -> greedy decoding scored by rouge-score (F1). Ranking
+every candidate (favourite; next item with --exact=True) runs each prompt once and scores the candidates' prefix trie
+after its KV cache, a chunk at a time: exact, in memory that does not grow with the catalogue (see answer_logprobs).
 Prints a table and writes eval_<split>.json beside the checkpoint.
 """
 import json
 import os
 import sys
 import types
+from collections import namedtuple
 from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
 
-from common import TRAIN_DEFAULTS, all_reduce_sum, configure, load_checkpoint, load_weights, seeded_subset, to_device
-import data
-from data import UserData
+from common import (TRAIN_DEFAULTS, check_data, configure, data_path, evaluate_ranking, load_checkpoint, load_weights,
+                    ranking_metrics, seeded_subset, to_device)
+from data import Prompter, UserData, get_tokenizer, popularity
 from encoder import EncoderConfig, make_encoder
-from train_llm import Prompter, build_model, get_tokenizer
+from model import KVCache, beam_search, generate, tree_logits
+from sources import oracle_recall
+from userllm import build_model
 
 DEFAULTS = dict(ckpt="", split="test", data_dir="", batch_size=64, max_examples=0, seed=1337, device="cpu",
                 beam=10, exact=False,  # LLMs: beams for next-item beam search; exact: also rank every title
                 runs="", fig3="", curves="", metric="recall@10")  # plots of evaluated runs (see plot_fig3)
 
 
-def ranking_metrics(scores, target, ks=(1, 5, 10)):
-    """scores (B, V) over all candidates, target (B,) ids. Returns mean Recall@k for each k and NDCG@10."""
-    s = scores.float()
-    t = s.gather(1, target[:, None])  # (B, 1) the target's score
-    rank = (s > t).sum(1) + (s == t).sum(1) - 1  # 0-based; ties against the target
-    out = {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
-    out["ndcg@10"] = torch.where(rank < 10, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros_like(s[:, 0])).mean().item()
-    return out
-
-
-def label_of(enc_cfg):
-    """What an encoder predicts: the next 'item', or the favourite genre/category ('fav') for a DualEnc trained on it."""
-    return "fav" if enc_cfg.kind == "dual" and enc_cfg.label_task == "fav" else "item"
-
-
-def popularity(d, feature=0):
-    """Counts of each id of a feature over the training events only (each user's last two events are val/test)."""
-    keep = np.ones(len(d.feats[feature]), dtype=bool)
-    ends = d.offsets[1:]
-    keep[ends - 1] = keep[ends - 2] = False
-    counts = np.bincount(np.asarray(d.feats[feature])[keep], minlength=d.vocab_sizes[feature]).astype(np.float32)
-    counts[0] = -np.inf  # padding is never a candidate
-    return torch.from_numpy(counts)
-
-
-@torch.no_grad()
-def evaluate_ranking(score_fn, d, targets, seq_len, label="item", batch_size=256, device="cpu", loss_fn=None, ctx=None):
-    """Mean ranking metrics of score_fn(hist) -> (B, V) over the examples `targets` (label 'item' or 'fav'), plus the
-    mean loss_fn(batch) if given. With a distributed ctx, each rank passes its shard and gets the global means."""
-    sums, n = {}, 0
-    for i in range(0, len(targets), batch_size):
-        batch = to_device(d.batch(targets[i:i + batch_size], seq_len), device)
-        y = batch["target"][0] if label == "item" else batch["fav"]
-        metrics = ranking_metrics(score_fn(batch["hist"]), y)
-        if loss_fn is not None:
-            metrics["loss"] = loss_fn(batch).item()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v * len(y)
-        n += len(y)
-    if ctx is not None:  # every rank must hold the same keys, even one whose shard was empty
-        keys = [f"recall@{k}" for k in (1, 5, 10)] + ["ndcg@10"] + (["loss"] if loss_fn is not None else [])
-        *values, n = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], ctx)
-        sums = dict(zip(keys, values))
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
-
 class Trie:
-    """Prefix trie over the catalogue's answers (token lists ending with eot, unique: see train_llm.unique_names). Plugged
-    into GPT.beam_search as `allowed`, it keeps every hypothesis a real catalogue entry."""
+    """Prefix trie over the catalogue's answers (token lists ending with eot, unique: see data.unique_names). Plugged
+    into model.beam_search as `allowed`, it keeps every hypothesis a real catalogue entry."""
 
     def __init__(self, answers):
         self.root, self.ids = {}, {}
@@ -107,7 +67,7 @@ class Trie:
 
 
 def by_prompt_length(prompts, batch_size):
-    """Batches of example positions whose prompts have equal length (beam search takes equal-length prompts)."""
+    """Batches of example positions whose prompts have equal length (beam search and answer_logprobs take those)."""
     groups = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
@@ -116,36 +76,80 @@ def by_prompt_length(prompts, batch_size):
             yield members[j:j + batch_size]
 
 
-def expand(context, n):
-    """Repeat each example's user context n times (one copy per candidate answer)."""
-    return {k: v.repeat_interleave(n, dim=0) for k, v in context.items()}
+TREE_NODES = 128  # trie nodes per model.tree_logits call in answer_logprobs: at most B x this many tokens a call
+TrieChunk = namedtuple("TrieChunk", "tokens parent ids pred target")
+
+
+def trie_chunks(answers, max_nodes=TREE_NODES):
+    """Split the prefix trie of the answers (token lists) into sub-tries of whole answers and at most max_nodes internal
+    nodes each (more only for one answer longer than that), for answer_logprobs. The answers go in sorted order, so
+    neighbours share their prefixes and a chunk holds each shared prefix once; a prefix split between two chunks is
+    held by both (a few % more tokens). The internal nodes are the answers' proper prefixes: the last token of an
+    answer is only predicted, never fed."""
+    order = sorted(range(len(answers)), key=lambda c: list(answers[c]))
+    chunks, group, nodes = [], [], {}  # nodes: the chunk's internal nodes, prefix tuple -> index, parents first
+    for c in order:
+        prefixes = [tuple(answers[c][:i]) for i in range(1, len(answers[c]))]
+        if group and len(nodes) + sum(p not in nodes for p in prefixes) > max_nodes:
+            chunks.append(trie_chunk(answers, group, nodes))
+            group, nodes = [], {}
+        group.append(c)
+        for p in prefixes:
+            nodes.setdefault(p, len(nodes))
+    return chunks + [trie_chunk(answers, group, nodes)] if group else chunks
+
+
+def trie_chunk(answers, group, nodes):
+    """One sub-trie: tokens (T,) and parent (T,) of its internal nodes (-1: right after the prompt), as
+    model.tree_logits takes them; ids (n,) of its answers; and for each answer token, (n, L) padded: pred, the position
+    whose logits predict it (0: the prompt's last token, j + 1: node j), and target, the token (-1: padding)."""
+    tokens = torch.tensor([p[-1] for p in nodes], dtype=torch.long)
+    parent = torch.tensor([nodes.get(p[:-1], -1) for p in nodes], dtype=torch.long)
+    L = max(len(answers[c]) for c in group)
+    pred = torch.zeros(len(group), L, dtype=torch.long)
+    target = torch.full((len(group), L), -1, dtype=torch.long)
+    for r, c in enumerate(group):
+        a = list(answers[c])
+        pred[r, :len(a)] = torch.tensor([0] + [1 + nodes[tuple(a[:i])] for i in range(1, len(a))])
+        target[r, :len(a)] = torch.tensor(a)
+    return TrieChunk(tokens, parent, torch.tensor(group, dtype=torch.long), pred, target)
 
 
 @torch.no_grad()
-def answer_logprobs(llm, idx, context, answers):
-    """Summed log-probability of every candidate answer after each prompt: idx (B, P) -> (B, C). Exact ranking."""
-    B, C, eot = idx.size(0), len(answers), answers[0][-1]
-    L = max(len(a) for a in answers)
-    ans = torch.full((C, L), eot, dtype=torch.long, device=idx.device)
-    tgt = torch.full((C, L), -1, dtype=torch.long, device=idx.device)
-    for c, a in enumerate(answers):
-        ans[c, :len(a)] = torch.tensor(a)
-        tgt[c, :len(a)] = ans[c, :len(a)]
-    inputs = torch.cat([idx.repeat_interleave(C, 0), ans.repeat(B, 1)[:, :-1]], dim=1)  # (B*C, P + L - 1)
-    logits, _ = llm(inputs, **expand(context, C))
-    logp = torch.log_softmax(logits[:, idx.size(1) - 1:].float(), dim=-1)  # (B*C, L, V): the answer positions
-    t = tgt.repeat(B, 1)  # (B*C, L)
-    picked = logp.gather(2, t.clamp(min=0)[..., None])[..., 0] * (t >= 0)
-    return picked.sum(1).view(B, C)
+def answer_logprobs(llm, idx, context, answers, chunks=None):
+    """Summed log-probability of every candidate answer after each prompt: idx (B, P) -> (B, C). Exact ranking.
+    The prompt runs once with its user context; its KV cache then serves every chunk of the answers' prefix trie
+    (trie_chunks(answers); pass them as chunks to score the same answers many times), one model.tree_logits call
+    each, so a prefix that answers share is computed once per chunk and no answer is padded.
+    Memory, whatever C: a call feeds B x T tokens, T <= max(TREE_NODES, the longest answer), and its largest tensors
+    are the (B, T, V) logits and log-probabilities and the attention's (B, n_head, T, P + T) scores; besides the
+    prompt's own forward, only the (B, C) result grows with C."""
+    B, dev = idx.size(0), idx.device
+    cache = KVCache(llm.config.n_layer)
+    logits, _ = llm(idx, cache=cache, **context)
+    first = torch.log_softmax(logits[:, -1:].float(), dim=-1)  # (B, 1, V): predicts every answer's first token
+    scores = torch.empty(B, len(answers), device=dev)
+    for ch in trie_chunks(answers) if chunks is None else chunks:
+        logp = first
+        if len(ch.tokens):
+            logits = tree_logits(llm, ch.tokens.to(dev).expand(B, -1), ch.parent.to(dev), cache)  # (B, T, V)
+            logp = torch.cat([first, torch.log_softmax(logits.float(), dim=-1)], dim=1)  # (B, 1 + T, V)
+        pred, target = ch.pred.to(dev), ch.target.to(dev)
+        picked = logp[:, pred, target.clamp(min=0)]  # (B, n, L): the log-probability of each answer token
+        scores[:, ch.ids.to(dev)] = torch.where(target >= 0, picked, 0.0).sum(2)
+    return scores
 
 
 @torch.no_grad()
 def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, beam=10, exact=False):
     """Task metrics of a UserLLM (Sec 4.2): next item -> Recall@1/5/10 from catalogue-constrained beam search (and, with
-    exact=True, from ranking every title by log-likelihood); favourite genre/category -> Recall@1/5/10 by ranking every
-    candidate by log-likelihood; review generation -> ROUGE-1/2/L/Lsum F1 of greedy decoding."""
+    exact=True, from ranking every title by log-likelihood: exact_recall@k, ...; beam=0: from that ranking only);
+    favourite genre/category -> Recall@1/5/10 by ranking every candidate by log-likelihood; review generation ->
+    ROUGE-1/2/L/Lsum F1 of greedy decoding."""
     prompts, sums, n = prompter.prompts(targets), {}, 0
-    trie = Trie(prompter.answers) if prompter.task == "next_item" else None
+    trie = Trie(prompter.answers) if prompter.task == "next_item" and beam else None
+    rank_all = prompter.task != "review_gen" and (trie is None or exact)
+    chunks = trie_chunks(prompter.answers[1:]) if rank_all else None  # the catalogue's trie, split once
     for group in by_prompt_length(prompts, batch_size):
         ids = targets[group]
         batch = to_device(d.batch(ids, seq_len), device)
@@ -157,15 +161,16 @@ def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, be
         else:
             label = (batch["fav"] if prompter.task == "fav" else batch["target"][0]).tolist()
             if trie is not None:
-                hyps = model.llm.beam_search(idx, beam, max(map(len, prompter.answers)), eos=prompter.eot,
-                                             allowed=trie.allowed, **context)
+                hyps = beam_search(model.llm, idx, beam, max(map(len, prompter.answers)), eos=prompter.eot,
+                                   allowed=trie.allowed, **context)
                 ranked = [[trie.ids[tuple(h)] for h, _ in hs] for hs in hyps]
-                metrics.update({f"recall@{k}": np.mean([y in r[:k] for y, r in zip(label, ranked)]) for k in (1, 5, 10)})
-            if trie is None or exact:
-                scores = answer_logprobs(model.llm, idx, context, prompter.answers[1:])  # (B, C) ids 1..C
+                metrics.update({f"recall@{k}": np.mean([y in r[:k] for y, r in zip(label, ranked)])
+                                for k in (1, 5, 10)})
+            if rank_all:
+                scores = answer_logprobs(model.llm, idx, context, prompter.answers[1:], chunks)  # (B, C) ids 1..C
                 exact_metrics = ranking_metrics(torch.cat([torch.full_like(scores[:, :1], -np.inf), scores], 1),
                                                 torch.tensor(label, device=device))
-                prefix = "exact_" if trie is not None else ""
+                prefix = "exact_" if prompter.task == "next_item" else ""
                 metrics.update({prefix + k: v for k, v in exact_metrics.items()})
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(group)
@@ -176,7 +181,7 @@ def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, be
 def rouge(llm, idx, context, references, prompter):
     """Greedy-decode reviews and score them against the user's real reviews with rouge-score (F1, stemmed)."""
     from rouge_score import rouge_scorer
-    out = llm.generate(idx, prompter.max_answer + 1, eos=prompter.eot, **context)[:, idx.size(1):].tolist()
+    out = generate(llm, idx, prompter.max_answer + 1, eos=prompter.eot, **context)[:, idx.size(1):].tolist()
     texts = [prompter.tok.decode([t for t in row if t != prompter.eot]) for row in out]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     scores = [scorer.score(ref, hyp) for ref, hyp in zip(references, texts)]
@@ -186,13 +191,11 @@ def rouge(llm, idx, context, references, prompter):
 def reference_rows(d, split, targets, seq_len, label, batch_size, device):
     """What a result is measured against: most popular (training counts) and, on the synthetic default, the oracle's
     expected Recall@K (the true next-item distribution, the user's hidden taste included: nothing can beat it)."""
-    pop = popularity(d, 0 if label == "item" else 1).to(device)
+    pop = torch.from_numpy(popularity(d, 0 if label == "item" else 1)).to(device)
     rows = {"most popular": evaluate_ranking(lambda h: pop.expand(len(h[0]), -1), d, targets, seq_len, label,
                                              batch_size, device)}
     if d.meta["dataset"] == "synthetic" and label == "item" and split in ("val", "test"):
-        probs, _ = data.synthetic_oracle(d, split)
-        top = -np.sort(-probs[np.searchsorted(d.targets(split), targets)], axis=1)  # (B, V) true probabilities, sorted
-        rows["oracle (expected)"] = {f"recall@{k}": float(top[:, :k].sum(1).mean()) for k in (1, 5, 10)}
+        rows["oracle (expected)"] = oracle_recall(d, split, (1, 5, 10), targets)
     return rows
 
 
@@ -206,14 +209,21 @@ def print_table(rows):
                                           for m in metrics))
 
 
+def checkpoint_data(ckpt, cfg):
+    """The dataset a checkpoint was trained on (or --data_dir=), refused if it is not the same data."""
+    d = UserData(data_path(ckpt.get("data"), cfg.data_dir, cfg.ckpt))
+    check_data(ckpt.get("data"), d.fingerprint(), cfg.ckpt)
+    return d
+
+
 def evaluate_encoder_checkpoint(cfg, ckpt):
     tcfg = ckpt["config"]
     model = make_encoder(EncoderConfig(**ckpt["encoder_config"])).to(cfg.device)
     load_weights(model, ckpt["model"], cfg.ckpt)
     model.eval()
-    d = UserData(cfg.data_dir or ckpt["dataset"])
+    d = checkpoint_data(ckpt, cfg)
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
-    label = label_of(model.cfg)
+    label = model.cfg.label
     rows = {f"{model.cfg.kind} encoder": evaluate_ranking(model.scores, d, targets, tcfg["seq_len"], label,
                                                            cfg.batch_size, cfg.device)}
     rows.update(reference_rows(d, cfg.split, targets, tcfg["seq_len"], label, cfg.batch_size, cfg.device))
@@ -238,12 +248,12 @@ def describe(c):
 
 def evaluate_llm_checkpoint(cfg, ckpt):
     tcfg = types.SimpleNamespace(**ckpt["config"])
-    d = UserData(cfg.data_dir or ckpt["dataset"])
+    d = checkpoint_data(ckpt, cfg)
     tok = get_tokenizer(tcfg.llm)
     model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
     load_weights(model, ckpt["model"], cfg.ckpt)
     model.eval()
-    prompter = Prompter(d, tok, tcfg.task, tcfg.text_events, tcfg.block_size, tcfg.max_answer_tokens)
+    prompter = Prompter(d, tok, tcfg.task, tcfg.text_events, tcfg.max_text_tokens, tcfg.max_answer_tokens)
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
     torch.manual_seed(cfg.seed)
     rows = {describe(tcfg): evaluate_llm(model, prompter, d, targets, tcfg.seq_len, cfg.device, cfg.batch_size,
@@ -292,15 +302,17 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
            f'transform="rotate(-90 16 {(H - bottom + top) / 2})">{ylabel}</text>',
            f'<path d="M{left},{top} V{H - bottom} H{W - right}" stroke="black" fill="none"/>']
     for t in ticks(10 ** y0, 10 ** y1, log_y) if log_y else ticks(y0, y1):  # y ticks, with light grid lines
-        out.append(f'<path d="M{left},{py(t):.1f} H{W - right}" stroke="#ddd"/><text x="{left - 6}" y="{py(t) + 4:.1f}" '
-                   f'text-anchor="end">{t:.3g}</text>')
+        out.append(f'<path d="M{left},{py(t):.1f} H{W - right}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
     for x in sorted(set(xs)) if len(set(xs)) <= 12 else ticks(x0, x1):  # x ticks: the points, or round values
         out.append(f'<text x="{px(x):.1f}" y="{H - bottom + 18}" text-anchor="middle">{x:.4g}</text>')
     for i, (label, (xv, yv)) in enumerate(series.items()):
         c, label = COLORS[i % len(COLORS)], escape(label)
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"><title>{label}</title></polyline>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"/>' for x, y in zip(xv, yv) if len(xv) <= 12]
+        out.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2">'
+                   f'<title>{label}</title></polyline>')
+        if len(xv) <= 12:
+            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"/>' for x, y in zip(xv, yv)]
         ly = top + 10 + 20 * i
         out.append(f'<path d="M{W - right + 15},{ly} h24" stroke="{c}" stroke-width="2"/>'
                    f'<text x="{W - right + 45}" y="{ly + 4}">{label}</text>')
@@ -359,7 +371,7 @@ def plot_curves(runs, path):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, __doc__)
     if cfg.fig3 or cfg.curves:
         runs = [r for r in cfg.runs.split(",") if r]
         if not runs:

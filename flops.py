@@ -3,7 +3,8 @@ The paper's efficiency claims, measured (paper Table 3 and Sec 4.4): User-LLM ha
 the user history in embeddings, where TextPrompt spells the history out as text.
 
     python data.py && python flops.py                  # synthetic default, the demo's scratch GPT: < 1 min on CPU
-    TIKTOKEN_CACHE_DIR=../shared/tiktoken python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2
+    python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2   # GPT-2 shapes (offline: set
+                                                       # TIKTOKEN_CACHE_DIR to a folder holding r50k_base's file)
     python flops.py --encoder=configs/synthetic_enc.py --batch_size=128 --steps=5   # table 4 only
     python flops.py --bench_dtype=True --threads=1     # table 5 only: fp32 vs bf16 on the CPU, ~1 min, no dataset
     python flops.py --gpu_check=True                   # on a GPU: the training scripts in bf16 + compile, <= 8 min
@@ -55,19 +56,21 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import train_llm
+import encoder
+import userllm
 from common import adamw, configure, seeded_subset, to_device
-from data import UserData, batch_targets
-from model import GPT2_NAMES
+from data import QUERY, Prompter, UserData, batch_targets, get_tokenizer
+from encoder import EncoderConfig, encoder_config, history_positions, make_encoder
+from model import GPT, GPTConfig, generate
 from sources import GENRES, write_ratings_csv
-from train_llm import QUERY, Prompter, build_model, get_tokenizer
+from userllm import GPT2_NAMES, build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # train_llm.py keys that set a model's shape; their defaults are the demo's (configs/synthetic_llm.py)
-SHAPE_KEYS = ("seq_len", "n_layer", "n_head", "n_embd", "block_size", "n_latents", "perceiver_layers", "n_task_tokens",
-              "enc_feature_dims", "enc_n_embd", "enc_n_layer", "enc_n_head", "xattn_every", "xattn_dim",
+SHAPE_KEYS = ("seq_len", "n_layer", "n_head", "n_embd", "max_text_tokens", "n_latents", "perceiver_layers",
+              "n_task_tokens", "enc_feature_dims", "enc_n_embd", "enc_n_layer", "enc_n_head", "xattn_every", "xattn_dim",
               "max_answer_tokens")
-DEMO = vars(configure(train_llm.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_llm.py")]))
+DEMO = vars(configure(userllm.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_llm.py")]))
 DEFAULTS = dict(
     dataset="synthetic", data_dir="", examples=200,  # table 1: test examples tokenized
     out="out/flops.json", llm="scratch", random_weights=False,  # random_weights: a GPT-2-shaped model, no download
@@ -98,7 +101,7 @@ CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
 
 def prompt_lengths(d, tok, text_events, targets):
     """LLM input tokens of each example's next-item prompt: the last text_events events as text (0: none), the query."""
-    prompter = Prompter(d, tok, "next_item", text_events, block_size=0, max_answer_tokens=1)  # prompts() only
+    prompter = Prompter(d, tok, "next_item", text_events, max_text_tokens=0, max_answer_tokens=1)  # prompts() only
     return np.array([len(p) for p in prompter.prompts(targets)])
 
 
@@ -158,14 +161,14 @@ VARIANTS = (  # name, fusion, Perceiver, text events (None: seq_len, TextPrompt'
 def llm_config(cfg):
     """The train_llm.py config all variants share. A GPT-2 shape with random weights is built as a 'scratch' GPT of that
     shape (GPT-2's tokenizer and 1024 positions), so build_model needs no download."""
-    c = types.SimpleNamespace(**{**train_llm.DEFAULTS, **{k: getattr(cfg, k) for k in SHAPE_KEYS}})
+    c = types.SimpleNamespace(**{**userllm.DEFAULTS, **{k: getattr(cfg, k) for k in SHAPE_KEYS}})
     c.llm, c.task, c.encoder_ckpt = cfg.llm, "next_item", ""  # a random encoder: its shape is what costs
     if cfg.llm != "scratch" and cfg.random_weights:
         if cfg.llm not in GPT2_SHAPES:
             raise SystemExit(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)} (or 'scratch'), "
                              f"got '{cfg.llm}'")
         c.llm, (c.n_layer, c.n_head, c.n_embd) = "scratch", GPT2_SHAPES[cfg.llm]
-        c.block_size = 1024 - c.n_task_tokens - c.seq_len  # build_model adds the soft prompt's positions back
+        c.max_text_tokens = 1024 - c.n_task_tokens - c.seq_len  # build_model adds the soft prompt's positions back
     return c
 
 
@@ -217,7 +220,7 @@ def time_answer(model, d, prompter, targets, seq_len, max_new):
     for t in targets:
         idx = torch.tensor(prompter.prompts([t]))  # (1, T)
         t0 = time.perf_counter()
-        model.llm.generate(idx, max_new, **model.context(d.batch([t], seq_len)["hist"]))
+        generate(model.llm, idx, max_new, **model.context(to_device(d.batch([t], seq_len), "cpu")["hist"]))
         times.append(time.perf_counter() - t0)
     model.train()
     return 1000 * statistics.median(times[1:])
@@ -229,10 +232,10 @@ def measure(cfg, d, tok, name, fusion, perceiver, text_events, train_ids, gen_id
     c.fusion, c.perceiver, c.text_events = fusion, perceiver, text_events
     c.strategy = "full" if fusion == "none" and cfg.strategy in ("enc", "proj") else cfg.strategy
     prompter = Prompter(d, tok, "next_item", text_events, 10 ** 9, c.max_answer_tokens)  # length checked below
-    batch = prompter(d.batch(train_ids, c.seq_len), train_ids)
+    batch = to_device(prompter(d.batch(train_ids, c.seq_len), train_ids), "cpu")
     max_new = max(len(a) for a in prompter.answers) - 1  # the longest title (without eot)
     longest = max(batch["idx"].size(1), max(len(p) for p in prompter.prompts(gen_ids)) + max_new)
-    c.block_size = max(c.block_size, longest)  # TextPrompt's long prompts get positions (embeddings cost no FLOPs)
+    c.max_text_tokens = max(c.max_text_tokens, longest)  # TextPrompt's long prompts get positions (no FLOPs)
     torch.manual_seed(cfg.seed)
     model = build_model(c, d, tok)
     B, T = batch["idx"].shape
@@ -266,10 +269,8 @@ PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e1
 def encoder_table(config_path, d, batch_size, steps, device):
     """Events/s and achieved FLOP/s of one training step (forward, backward, AdamW) of a train_encoder.py config's
     encoder on dataset d; MFU against the device's peak where it is known."""
-    import train_encoder
-    from encoder import make_encoder
-    c = configure(train_encoder.DEFAULTS, [config_path])
-    model = make_encoder(train_encoder.encoder_config(c, d)).to(device)
+    c = configure(encoder.DEFAULTS, [config_path])
+    model = make_encoder(encoder_config(c, d.vocab_sizes)).to(device)
     ids = seeded_subset(d.targets("train"), batch_size, 0)
     batch = to_device(d.batch(ids, c.seq_len), device)
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
@@ -293,7 +294,6 @@ DEMO_T = 51  # the demo LLM's padded batch length: its 21-byte query + the longe
 
 def encoder_case(name, cfg, B):
     """One train_encoder.py loss on B random full histories of cfg.block_size - 1 events; cfg an EncoderConfig."""
-    from encoder import make_encoder
     model, N = make_encoder(cfg), cfg.block_size - 1
     batch = dict(hist=tuple(torch.randint(1, v, (B, N)) for v in cfg.vocab_sizes),
                  target=tuple(torch.randint(1, v, (B,)) for v in cfg.vocab_sizes))
@@ -303,7 +303,6 @@ def encoder_case(name, cfg, B):
 def gpt_case(name, cfg, B, T, M=50):
     """One GPT loss on B x T random token ids (targets: the ids); with cross-attention (cfg.d_user > 0) over M random
     user embeddings, as User-LLM's GPT sees the encoder's output."""
-    from model import GPT
     model, idx = GPT(cfg), torch.randint(0, cfg.vocab_size, (B, T))
     user = torch.randn(B, M, cfg.d_user) if cfg.d_user else None
     return dict(name=name, model=model, loss=lambda: model(idx, idx, user=user)[1], units=B * T, unit="tokens")
@@ -313,13 +312,10 @@ def dtype_cases(gpt2_batch, gpt2_len):
     """The three shapes compared, random weights and ids (no dataset): the demo encoder (configs/synthetic_enc.py,
     its batch), the demo User-LLM's GPT with its cross-attention (configs/synthetic_llm.py, its batch) and GPT-2 small
     (1024 positions, a shorter sequence to keep the CPU run short)."""
-    import train_encoder
-    from encoder import EncoderConfig
-    from model import GPTConfig
-    e = configure(train_encoder.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_enc.py")])
+    e = configure(encoder.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_enc.py")])
     enc = EncoderConfig(vocab_sizes=SYNTHETIC_VOCABS, feature_dims=e.feature_dims, n_embd=e.n_embd, n_layer=e.n_layer,
-                        n_head=e.n_head, block_size=e.seq_len + 1)
-    demo = GPTConfig(block_size=DEMO["block_size"] + DEMO["n_task_tokens"] + DEMO["seq_len"], vocab_size=257,
+                        n_head=e.n_head, block_size=history_positions(e.seq_len))
+    demo = GPTConfig(block_size=DEMO["max_text_tokens"] + DEMO["n_task_tokens"] + DEMO["seq_len"], vocab_size=257,
                      n_layer=DEMO["n_layer"], n_head=DEMO["n_head"], n_embd=DEMO["n_embd"], d_user=DEMO["enc_n_embd"])
     return [encoder_case("demo encoder", enc, e.batch_size),
             gpt_case("demo User-LLM GPT", demo, DEMO["batch_size"], DEMO_T, DEMO["seq_len"]),
@@ -434,13 +430,11 @@ def run_shape(out_dir, llm):
         c = types.SimpleNamespace(**json.load(f))
     d = UserData(c.data_dir or os.path.join(HERE, "data", c.dataset))
     if not llm:
-        import train_encoder
-        from encoder import make_encoder
-        return sum(p.numel() for p in make_encoder(train_encoder.encoder_config(c, d)).parameters()), None
+        return sum(p.numel() for p in make_encoder(encoder_config(c, d.vocab_sizes)).parameters()), None
     tok = get_tokenizer(c.llm)
     params = sum(p.numel() for p in build_model(c, d, tok).parameters())
     ids = seeded_subset(d.targets("train", c.min_history), 1000, c.seed)
-    prompter = Prompter(d, tok, c.task, c.text_events, c.block_size, c.max_answer_tokens)
+    prompter = Prompter(d, tok, c.task, c.text_events, c.max_text_tokens, c.max_answer_tokens)
     answers = prompter.answer_tokens(ids, d.batch(ids, c.seq_len))
     return params, float(np.mean([len(p) + len(a) - 1 for p, a in zip(prompter.prompts(ids), answers)]))
 

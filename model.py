@@ -3,12 +3,13 @@ The LLM side of User-LLM (paper Sec 3.2, App. B): a GPT-2-architecture language 
 
 - `Block` (below) is the one Transformer block of the project, shared by the GPT and the user encoder (encoder.py);
   `attention` is the one attention: self-attention, the gated cross-attention and the Perceiver (perceiver.py) call it.
-- `GPT` keeps GPT-2's parameter names, so `GPT.from_pretrained('gpt2')` loads Hugging Face checkpoints one-to-one.
+- `GPT` keeps GPT-2's parameter names, so GPT-2 checkpoints load one-to-one (userllm.load_gpt2).
 - Fusion (Sec 3.2.1 / App. B): `GatedCrossAttention` (Flamingo-style, tanh gates at 0) every `xattn_every` layers, or a
   `SoftPrompt` prefix. `LoRALinear` (Sec 3.2.3, strategy "lora") adds low-rank updates that start at zero.
-- Generation with a `KVCache`: `GPT.generate` (greedy / sampling) and `GPT.beam_search` (constrainable, for eval.py).
+- Decoding with a `KVCache`: `generate` (greedy / sampling), `beam_search` (constrainable: eval.py keeps it to the
+  catalogue) and `tree_logits`, which scores a token tree (a chunk of a catalogue's prefix trie) after a cached prompt.
 
-Used by train_llm.py and eval.py; tested by `python -m pytest tests/test_model.py`.
+Used through userllm.py (train_llm.py, eval.py, flops.py); tested by `python -m pytest tests/test_model.py`.
 
 Dimension letters: B batch, T token positions, P prefix positions, L cached positions, M user events (or latents),
 C channels (n_embd), D the user-embedding width (d_user), nh heads, hs head size, V vocabulary, K beams.
@@ -37,6 +38,14 @@ def attention(q, k, v, n_head, mask=None, is_causal=False, dropout_p=0.0):
     return y.transpose(1, 2).contiguous().view(B, Tq, C)  # (B, Tq, C): re-assemble the heads
 
 
+def init_weights(module):
+    """GPT-2's initialisation, as nanoGPT's: N(0, 0.02) weights, zero biases (model.apply(init_weights))."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with GPT-2 parameter names (c_attn, c_proj). `causal=False` for Bert4Rec."""
 
@@ -49,7 +58,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.causal = n_head, dropout, causal
 
     def forward(self, x, key_mask=None, kv_cache=None):
-        # key_mask: (B, L + T) bool, True where the key is real (not padding); None means all real.
+        # key_mask: (B, L + T) bool, True where the key is real (not padding); None means all real. Or (B, T, L + T):
+        # each query's own keys, used as given (token trees, GPT.tree_logits).
         # kv_cache: a LayerKV holding the L earlier positions' keys/values (generation); x are the T new positions.
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
@@ -57,7 +67,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, L + T, C)
         L = k.size(1) - T
         mask = None
-        if key_mask is not None or L > 0:
+        if key_mask is not None and key_mask.dim() == 3:
+            mask = key_mask
+        elif key_mask is not None or L > 0:
             # query t sits at position L + t; it may see key s when s is real and (if causal) s <= L + t ...
             real = torch.ones(B, L + T, dtype=torch.bool, device=x.device) if key_mask is None else key_mask
             mask = real[:, None, :]  # (B, 1, L + T)
@@ -218,6 +230,12 @@ class LayerKV:
         self.k, self.v = k, v
         return k, v
 
+    def fork(self):
+        """A LayerKV starting from the same keys/values (no copy); what it appends stays its own."""
+        out = LayerKV()
+        out.k, out.v = self.k, self.v
+        return out
+
 
 class KVCache:
     """What generation keeps between forward calls: each layer's self-attention keys/values, the cross-attention
@@ -238,6 +256,22 @@ class KVCache:
         if self.user_mask is not None:
             self.user_mask = self.user_mask[rows]
         self.key_mask, self.n_real = self.key_mask[rows], self.n_real[rows]
+
+
+def tree_ancestors(parent):
+    """parent (T,) long (-1: a root) -> (T, T) bool, [t, s] = s is t or an ancestor of t. One step up the tree per
+    iteration for all tokens at once (as many iterations as the tree is deep)."""
+    T = parent.numel()
+    rows = torch.arange(T, device=parent.device)
+    up = torch.cat([torch.where(parent >= 0, parent, T), rows.new_tensor([T])])  # (T + 1,): column T = above a root
+    anc = torch.zeros(T, T + 1, dtype=torch.bool, device=parent.device)
+    node = rows
+    for _ in range(T + 1):  # a token is at most T - 1 steps below its root
+        anc[rows, node] = True
+        if bool((node == T).all()):
+            break
+        node = up[node]
+    return anc[:, :T]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,19 +315,12 @@ class GPT(nn.Module):
             for i in range(0, c.n_layer, c.xattn_every):
                 self.xattn[str(i)] = GatedCrossAttention(c.n_embd, c.d_user, c.xattn_heads or c.n_head,
                                                          c.xattn_dim or c.n_embd, c.dropout, c.bias)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
         if c.lora_rank > 0:  # after the init above, which would otherwise overwrite lora_B's zeros
             add_lora(self.transformer.h, c.lora_rank, c.lora_alpha, c.lora_mlp)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self, trainable=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
@@ -364,214 +391,133 @@ class GPT(nn.Module):
                         setattr(parent, name, child.merged())
         self.config = replace(self.config, lora_rank=0)
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Generation (call model.eval() first: dropout would make cached and uncached passes differ)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, user=None, user_mask=None, prefix=None, prefix_mask=None,
-                 temperature=0.0, top_k=None, eos=None):
-        """Continue the prompts idx (B, T) by up to max_new_tokens tokens with a KV cache: greedy when temperature == 0,
-        else sampling (optionally from the top_k). Returns (B, T + n); a row that emitted eos is filled with eos after
-        it, and generation stops once every row has."""
-        cache = KVCache(self.config.n_layer)
-        logits, _ = self(idx, user=user, user_mask=user_mask, prefix=prefix, prefix_mask=prefix_mask, cache=cache)
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
-            logits = logits[:, -1, :]  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1)  # (B,)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]  # (B,)
-            if eos is not None:
-                nxt = torch.where(done, eos, nxt)
-                done = done | (nxt == eos)
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            if step == max_new_tokens - 1 or (eos is not None and done.all()):
-                break
-            logits, _ = self(nxt[:, None], cache=cache)
-        return idx
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding with the KV cache: greedy/sampled generation, constrained beam search, token trees.
+# Call gpt.eval() first: dropout would make cached and uncached passes differ.
 
-    @torch.no_grad()
-    def beam_search(self, idx, beam_size, max_new_tokens, user=None, user_mask=None, prefix=None, prefix_mask=None,
-                    eos=None, allowed=None):
-        """Batched beam search ranked by summed log-probability (no length normalisation), with a KV cache.
-        idx (B, T): prompts of equal length (our task prompts are fixed-length; user/prefix padding goes in the masks).
-        allowed(rows) -> for each row (the generated-so-far tokens of a live beam) the token ids allowed next (None, for
-        the whole answer or one row, = unconstrained); eval.py plugs a catalogue prefix trie in here.
-        Every step, each live beam ending with eos (kept as the last token) is a finished candidate, and its best K
-        non-eos continuations become the next beams; a prompt stops once its K best finished hypotheses all outscore
-        its best live beam (log-probs are <= 0, so no live beam can overtake them). With eos=None, beam_size=1 is
-        greedy decoding; with eos it may return a shorter hypothesis that outscores greedy's.
-        Returns per prompt a list of (tokens, sum_logprob), best first, beam_size long where possible: live beams cut
-        at max_new_tokens compete with the finished ones."""
-        B, K = idx.size(0), beam_size
-        dev, NEG = idx.device, -float("inf")
-        cache = KVCache(self.config.n_layer)
-        logits, _ = self(idx, user=user, user_mask=user_mask, prefix=prefix, prefix_mask=prefix_mask, cache=cache)
-        cache.reorder(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K) rows: K beams per prompt
-        logits = logits[:, -1].repeat_interleave(K, dim=0)  # (B*K, V)
-        scores = [0.0 if k == 0 else NEG for _ in range(B) for k in range(K)]  # one live beam at first: no duplicates
-        seqs = [[] for _ in range(B * K)]
-        finished, done = [[] for _ in range(B)], [False] * B
-        for step in range(max_new_tokens):
-            logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
-            if allowed is not None:
-                logp = logp + self._allowed_bias(allowed, seqs, scores, logp)
-            if eos is not None:  # ending a beam now is a finished candidate; continuing it competes for the K beams
-                ends = (torch.tensor(scores, device=dev) + logp[:, eos]).tolist()  # (B*K)
-                logp[:, eos] = NEG
-            V = logp.size(1)
-            cand = (torch.tensor(scores, device=dev)[:, None] + logp).view(B, K * V)  # (B, K*V)
-            top, ids = (t.tolist() for t in cand.topk(K, dim=1))  # (B, K)
-            rows, toks, scores = [], [], []
-            for b in range(B):
-                live = []
-                if not done[b]:
-                    if eos is not None:
-                        finished[b] += [(seqs[r] + [eos], ends[r]) for r in range(b * K, b * K + K) if ends[r] > NEG]
-                        finished[b] = sorted(finished[b], key=lambda h: -h[1])[:K]
-                    live = [(b * K + i // V, i % V, s) for s, i in zip(top[b], ids[b]) if s > NEG]
-                    if not live or (len(finished[b]) == K and finished[b][-1][1] >= live[0][2]):
-                        done[b], live = True, []
-                live += [(b * K, 0, NEG)] * (K - len(live))  # dead placeholder beams keep the shape (B*K)
-                for beam, t, s in live:
-                    rows.append(beam), toks.append(t), scores.append(s)
-            seqs = [seqs[r] + [t] for r, t in zip(rows, toks)]
-            if all(done) or step == max_new_tokens - 1:
-                break
-            cache.reorder(torch.tensor(rows, device=dev))
-            logits, _ = self(torch.tensor(toks, device=dev)[:, None], cache=cache)
-            logits = logits[:, -1]  # (B*K, V)
-        out = []
+@torch.no_grad()
+def generate(gpt, idx, max_new_tokens, user=None, user_mask=None, prefix=None, prefix_mask=None,
+             temperature=0.0, top_k=None, eos=None):
+    """Continue the prompts idx (B, T) by up to max_new_tokens tokens with a KV cache: greedy when temperature == 0,
+    else sampling (optionally from the top_k). Returns (B, T + n); a row that emitted eos is filled with eos after
+    it, and generation stops once every row has."""
+    cache = KVCache(gpt.config.n_layer)
+    logits, _ = gpt(idx, user=user, user_mask=user_mask, prefix=prefix, prefix_mask=prefix_mask, cache=cache)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        logits = logits[:, -1, :]  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)  # (B,)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]  # (B,)
+        if eos is not None:
+            nxt = torch.where(done, eos, nxt)
+            done = done | (nxt == eos)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        if step == max_new_tokens - 1 or (eos is not None and done.all()):
+            break
+        logits, _ = gpt(nxt[:, None], cache=cache)
+    return idx
+
+@torch.no_grad()
+def beam_search(gpt, idx, beam_size, max_new_tokens, user=None, user_mask=None, prefix=None, prefix_mask=None,
+                eos=None, allowed=None):
+    """Batched beam search ranked by summed log-probability (no length normalisation), with a KV cache.
+    idx (B, T): prompts of equal length (our task prompts are fixed-length; user/prefix padding goes in the masks).
+    allowed(rows) -> for each row (the generated-so-far tokens of a live beam) the token ids allowed next (None, for
+    the whole answer or one row, = unconstrained); eval.py plugs a catalogue prefix trie in here.
+    Every step, each live beam ending with eos (kept as the last token) is a finished candidate, and its best K
+    non-eos continuations become the next beams; a prompt stops once its K best finished hypotheses all outscore
+    its best live beam (log-probs are <= 0, so no live beam can overtake them). With eos=None, beam_size=1 is
+    greedy decoding; with eos it may return a shorter hypothesis that outscores greedy's.
+    Returns per prompt a list of (tokens, sum_logprob), best first, beam_size long where possible: live beams cut
+    at max_new_tokens compete with the finished ones."""
+    B, K = idx.size(0), beam_size
+    dev, NEG = idx.device, -float("inf")
+    cache = KVCache(gpt.config.n_layer)
+    logits, _ = gpt(idx, user=user, user_mask=user_mask, prefix=prefix, prefix_mask=prefix_mask, cache=cache)
+    cache.reorder(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K) rows: K beams per prompt
+    logits = logits[:, -1].repeat_interleave(K, dim=0)  # (B*K, V)
+    scores = [0.0 if k == 0 else NEG for _ in range(B) for k in range(K)]  # one live beam at first: no duplicates
+    seqs = [[] for _ in range(B * K)]
+    finished, done = [[] for _ in range(B)], [False] * B
+    for step in range(max_new_tokens):
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        if allowed is not None:
+            logp = logp + allowed_bias(allowed, seqs, scores, logp)
+        if eos is not None:  # ending a beam now is a finished candidate; continuing it competes for the K beams
+            ends = (torch.tensor(scores, device=dev) + logp[:, eos]).tolist()  # (B*K)
+            logp[:, eos] = NEG
+        V = logp.size(1)
+        cand = (torch.tensor(scores, device=dev)[:, None] + logp).view(B, K * V)  # (B, K*V)
+        top, ids = (t.tolist() for t in cand.topk(K, dim=1))  # (B, K)
+        rows, toks, scores = [], [], []
         for b in range(B):
-            pool = finished[b] + [(seqs[r], scores[r]) for r in range(b * K, b * K + K)
-                                  if not done[b] and scores[r] > NEG]
-            out.append(sorted(pool, key=lambda h: -h[1])[:K])
-        return out
-
-    @staticmethod
-    def _allowed_bias(allowed, seqs, scores, logp):
-        """(B*K, V) additive mask: 0 where allowed(...) permits the next token of a live beam, -inf elsewhere."""
-        bias = torch.zeros_like(logp)
-        live = [r for r, s in enumerate(scores) if s > -float("inf")]
-        spec = allowed([seqs[r] for r in live])
-        if spec is None:
-            return bias
-        rows, cols = [], []
-        for r, ids in zip(live, spec):
-            if ids is not None:
-                bias[r] = -float("inf")
-                rows += [r] * len(ids)
-                cols += list(ids)
-        index = torch.tensor([rows, cols], dtype=torch.long, device=logp.device)  # (2, n)
-        bias[index[0], index[1]] = 0.0
-        return bias
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # GPT-2 checkpoints
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """A GPT with the weights of gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once, see hub_folder) or of a
-        local Hugging Face-format folder (config.json + model.safetensors or pytorch_model.bin). `overrides` set the
-        options that add new, freshly initialised modules (cross-attention, LoRA) or dropout; the architecture itself
-        comes from config.json."""
-        bad = sorted(set(overrides) - set(NEW_MODULE_OPTIONS))
-        if bad:
-            raise ValueError(f"from_pretrained: cannot override {bad}; allowed: {', '.join(NEW_MODULE_OPTIONS)}")
-        folder = Path(name_or_path).expanduser()
-        if not folder.is_dir():
-            if name_or_path not in GPT2_NAMES:
-                raise SystemExit(f"from_pretrained: {name_or_path!r} is neither a folder nor one of "
-                                 f"{', '.join(GPT2_NAMES)}")
-            folder = hub_folder(name_or_path)
-        hf = json.loads((folder / "config.json").read_text())
-        if (hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5
-                or hf.get("activation_function", "gelu_new") != "gelu_new"):
-            raise ValueError(f"{folder}/config.json: not a plain GPT-2 (n_inner, activation_function or "
-                             "layer_norm_epsilon differ)")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, **overrides)
-        model = cls(config)
-        ours = {k: v for k, v in model.state_dict().items()  # new modules keep their init; lm_head is tied to wte
-                if "lora_" not in k and not k.startswith("xattn.") and k != "lm_head.weight"}
-        theirs = {}
-        for k, v in load_hf_weights(folder).items():
-            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-                continue  # HF's causal-mask buffers; the tied head
-            k = k if k.startswith("transformer.") else "transformer." + k  # GPT2Model saves without the prefix
-            theirs[k] = v.t() if k.endswith(CONV1D_WEIGHTS) else v  # HF's Conv1D stores (in, out): transpose
-        if set(ours) != set(theirs):
-            raise ValueError(f"{folder}: not a GPT-2 checkpoint: missing {sorted(set(ours) - set(theirs))[:4]}, "
-                             f"unexpected {sorted(set(theirs) - set(ours))[:4]}")
-        with torch.no_grad():
-            for k, v in theirs.items():
-                if ours[k].shape != v.shape:
-                    raise ValueError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
-                ours[k].copy_(v)  # state_dict tensors share storage with the parameters
-        return model
-
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_heads", "lora_rank", "lora_alpha",
-                      "lora_mlp")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file, without the safetensors package. The format: an 8-byte little-endian
-    header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [start, end]}} (offsets relative to the end of
-    the header), then the raw little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # read lazily; copy-on-write: writable for torch
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        count = (end - start) // torch.empty(0, dtype=dtype).element_size()
-        flat = torch.empty(0, dtype=dtype)
-        if count:  # frombuffer refuses count=0
-            flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start)
-        out[name] = flat.view(info["shape"])
+            live = []
+            if not done[b]:
+                if eos is not None:
+                    finished[b] += [(seqs[r] + [eos], ends[r]) for r in range(b * K, b * K + K) if ends[r] > NEG]
+                    finished[b] = sorted(finished[b], key=lambda h: -h[1])[:K]
+                live = [(b * K + i // V, i % V, s) for s, i in zip(top[b], ids[b]) if s > NEG]
+                if not live or (len(finished[b]) == K and finished[b][-1][1] >= live[0][2]):
+                    done[b], live = True, []
+            live += [(b * K, 0, NEG)] * (K - len(live))  # dead placeholder beams keep the shape (B*K)
+            for beam, t, s in live:
+                rows.append(beam), toks.append(t), scores.append(s)
+        seqs = [seqs[r] + [t] for r, t in zip(rows, toks)]
+        if all(done) or step == max_new_tokens - 1:
+            break
+        cache.reorder(torch.tensor(rows, device=dev))
+        logits, _ = gpt(torch.tensor(toks, device=dev)[:, None], cache=cache)
+        logits = logits[:, -1]  # (B*K, V)
+    out = []
+    for b in range(B):
+        pool = finished[b] + [(seqs[r], scores[r]) for r in range(b * K, b * K + K)
+                              if not done[b] and scores[r] > NEG]
+        out.append(sorted(pool, key=lambda h: -h[1])[:K])
     return out
 
+def allowed_bias(allowed, seqs, scores, logp):
+    """(B*K, V) additive mask: 0 where allowed(...) permits the next token of a live beam, -inf elsewhere."""
+    bias = torch.zeros_like(logp)
+    live = [r for r, s in enumerate(scores) if s > -float("inf")]
+    spec = allowed([seqs[r] for r in live])
+    if spec is None:
+        return bias
+    rows, cols = [], []
+    for r, ids in zip(live, spec):
+        if ids is not None:
+            bias[r] = -float("inf")
+            rows += [r] * len(ids)
+            cols += list(ids)
+    index = torch.tensor([rows, cols], dtype=torch.long, device=logp.device)  # (2, n)
+    bias[index[0], index[1]] = 0.0
+    return bias
 
-def load_hf_weights(folder):
-    """The state dict of a Hugging Face checkpoint folder: model.safetensors, else pytorch_model.bin (weights only)."""
-    if (folder / "model.safetensors").exists():
-        return read_safetensors(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise SystemExit(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
-
-
-def hub_folder(name):
-    """Local folder of the Hugging Face checkpoint `name`: $NANOUSERLLM_CACHE/<name> (default ~/.cache/nanouserllm),
-    filled once from $NANOUSERLLM_HUB (default https://huggingface.co)/<name>/resolve/main/<file>. Offline and not yet
-    cached: a one-line SystemExit saying which files to put where."""
-    folder = Path(os.environ.get("NANOUSERLLM_CACHE", "~/.cache/nanouserllm")).expanduser() / name
-    hub = os.environ.get("NANOUSERLLM_HUB", "https://huggingface.co")
-    has_weights = (folder / "model.safetensors").exists() or (folder / "pytorch_model.bin").exists()
-    for file, present in (("config.json", (folder / "config.json").exists()), ("model.safetensors", has_weights)):
-        if not present:
-            try:
-                from data import download  # urllib + tqdm bar, atomic
-                download(f"{hub}/{name}/resolve/main/{file}", folder / file)
-            except (ImportError, OSError, SystemExit) as e:
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise SystemExit(f"cannot download {name} ({why}); put config.json and model.safetensors from "
-                                 f"https://huggingface.co/{name}/tree/main into {folder}") from None
-    return folder
+@torch.no_grad()
+def tree_logits(gpt, idx, parent, cache):
+    """Logits of a token tree that continues every cached sequence, leaving the cache as it was: one prompt's cache
+    serves many trees (eval.py scores a catalogue's prefix trie this way, one chunk per call).
+    idx (B, T): the tree's tokens, the same tree for every row; parent (T,) long: each token's parent, an earlier
+    index, or -1 for a token right after the cached sequence. Token t attends to the cached real positions and to
+    its ancestors and itself only, at position n_real + its depth, so its logits are those of one plain forward
+    over [cached sequence][the path from its root to t]: shared prefixes are computed once. Returns (B, T, V)."""
+    B, T = idx.shape
+    anc = tree_ancestors(parent)  # (T, T)
+    depth = anc.sum(1) - 1  # (T,): 0 right after the cache
+    L, S = cache.key_mask.size(1), int(depth.max()) + 1  # the longest path: S positions after the cache
+    if L + S > gpt.config.block_size:
+        raise ValueError(f"sequence of {L + S} positions exceeds block_size={gpt.config.block_size}")
+    mask = torch.cat([cache.key_mask[:, None, :].expand(B, T, L), anc.expand(B, T, T)], dim=2)  # (B, T, L + T)
+    x = gpt.transformer.drop(gpt.transformer.wte(idx) + gpt.transformer.wpe(cache.n_real[:, None] + depth))
+    xattn_kv = cache.xattn_kv or {}
+    for i, block in enumerate(gpt.transformer.h):
+        if str(i) in xattn_kv:
+            x = gpt.xattn[str(i)](x, xattn_kv[str(i)], cache.user_mask)
+        x = block(x, mask, cache.layers[i].fork())  # a fork: the tree's keys/values are not kept
+    return gpt.lm_head(gpt.transformer.ln_f(x))  # (B, T, V)

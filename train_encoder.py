@@ -14,30 +14,10 @@ import dataclasses
 import os
 import sys
 
-from common import (TRAIN_DEFAULTS, Selection, adamw, check_train_config, cleanup_distributed, configure,
+from common import (Selection, adamw, check_train_config, cleanup_distributed, configure, evaluate_ranking,
                     seeded_subset, setup_distributed, to_device, train)
 from data import UserData, batch_targets
-from encoder import EncoderConfig, make_encoder
-from eval import evaluate_ranking, label_of
-
-DEFAULTS = dict(
-    dataset="synthetic", data_dir="",  # data_dir '' -> data/<dataset>
-    seq_len=50, min_history=1,  # N events of history per example; training targets need min_history events before them
-    kind="ar", feature_dims=(64, 16, 16), n_embd=128, n_layer=2, n_head=4, dropout=0.1,
-    loss_weights=(1.0, 1.0, 1.0), mask_prob=0.2, n_user_embs=1, label_task="next_item",
-    **TRAIN_DEFAULTS,
-)
-
-
-def encoder_config(cfg, d):
-    """The EncoderConfig a train_encoder.py config describes, on dataset d (its vocabularies)."""
-    try:
-        return EncoderConfig(vocab_sizes=tuple(d.vocab_sizes), feature_dims=cfg.feature_dims, n_embd=cfg.n_embd,
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.seq_len + 1, dropout=cfg.dropout,
-                             loss_weights=cfg.loss_weights, kind=cfg.kind, mask_prob=cfg.mask_prob,
-                             n_user_embs=cfg.n_user_embs, label_task=cfg.label_task)
-    except ValueError as e:  # a bad value in the config: one line, no traceback
-        raise SystemExit(f"config: {e}")
+from encoder import DEFAULTS, encoder_config, make_encoder
 
 
 def main(argv):
@@ -45,17 +25,18 @@ def main(argv):
     check_train_config(cfg)
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
-    enc_cfg = encoder_config(cfg, d)
+    enc_cfg = encoder_config(cfg, d.vocab_sizes)
     model = make_encoder(enc_cfg).to(ctx.device)
     if ctx.master:
-        print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; config: {vars(cfg)}")
+        print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+              f"config: {vars(cfg)}")
     train_targets = d.targets("train", cfg.min_history)
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
     train(
         cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2)),
         global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
         make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
-        evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, label_of(enc_cfg), device=ctx.device,
+        evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, enc_cfg.label, device=ctx.device,
                                             loss_fn=m.loss, ctx=ctx),
         select=Selection("recall@10", higher_is_better=True),
         extra={"encoder_config": dataclasses.asdict(enc_cfg), "data": d.fingerprint()},

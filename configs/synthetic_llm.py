@@ -1,6 +1,7 @@
 # The embedded default on a laptop CPU: User-LLM (gated cross-attention) on next-item prediction with a small
 # from-scratch GPT (byte-level tokens), contextualized by the encoder pretrained by configs/synthetic_enc.py.
-# python train_llm.py configs/synthetic_llm.py      (TextPrompt TP10: --fusion=none --text_events=10 --block_size=512)
+# python train_llm.py configs/synthetic_llm.py
+# TextPrompt TP10: --fusion=none --text_events=10 --max_text_tokens=512
 # Offline there is no pretrained LLM, so the GPT itself must learn: strategy Full. For Enc/Proj/LoRA, start from a
 # trained GPT instead: --llm_ckpt=out/synthetic-llm-none/best.pt (the run with --fusion=none) --strategy=enc
 # The tanh gates start at 0 (the untouched model is the plain GPT); gate_lr_mult lets them open within a short run.
@@ -15,7 +16,7 @@ llm = "scratch"
 n_layer = 2
 n_head = 4
 n_embd = 128
-block_size = 256
+max_text_tokens = 256
 batch_size = 64
 max_steps = 1000
 warmup_steps = 50

@@ -413,7 +413,7 @@ def test_oracle_on_prepared_data(syn):
     most_popular = np.isin(target, np.argsort(-pop)[:10]).mean()
     assert oracle > 0.5 > 2 * most_popular
     assert set(fav) <= set(range(1, d.vocab_sizes[1]))
-    assert (d.batch(d.targets('test'), 50)['fav'].numpy() == fav).mean() > 0.5  # the latent genre shows in the history
+    assert (d.batch(d.targets('test'), 50)['fav'] == fav).mean() > 0.5  # the latent genre shows in the history
 
 
 def test_oracle_recall_on_a_subset(syn):

@@ -12,8 +12,9 @@ import torch
 
 import data
 import flops
-from common import configure, seeded_subset
-from train_llm import DEFAULTS, QUERY, build_model, get_tokenizer
+from common import configure, seeded_subset, to_device
+from data import QUERY, get_tokenizer
+from userllm import DEFAULTS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TIKTOKEN_DIR = ROOT.parent / "shared" / "tiktoken"
@@ -35,7 +36,7 @@ def tokenizers():
 
 def tiny(**kw):
     """A train_llm.py config of a tiny GPT and encoder (N=50 events, 16 latents, as the paper)."""
-    shape = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, enc_n_embd=16, enc_n_layer=1, enc_n_head=2,
+    shape = dict(n_layer=2, n_head=2, n_embd=64, max_text_tokens=16, enc_n_embd=16, enc_n_layer=1, enc_n_head=2,
                  enc_feature_dims=(8, 4, 4), seq_len=50, n_latents=16, n_task_tokens=4, strategy="full")
     return types.SimpleNamespace(**{**DEFAULTS, **shape, **kw})
 
@@ -81,7 +82,7 @@ def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
     B, T = 4, 16
     torch.manual_seed(0)
     idx = torch.randint(0, c.vocab_size, (B, T))
-    batch = dict(idx=idx, targets=idx, hist=small.batch(small.targets("test")[:B], 50)["hist"])
+    batch = dict(idx=idx, targets=idx, hist=to_device(small.batch(small.targets("test")[:B], 50), "cpu")["hist"])
     total, user = flops.count_flops(model, batch)
     assert user == 0  # TextPrompt has no user side
     matmul_weights = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd  # blocks + the (tied) lm_head
@@ -94,7 +95,7 @@ def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
 @pytest.mark.parametrize("fusion", ["soft_prompt", "xattn"])
 def test_perceiver_cuts_user_positions_from_50_to_16(small, fusion):
     tok = get_tokenizer("scratch")
-    hist = small.batch(small.targets("test")[:3], 50)["hist"]
+    hist = to_device(small.batch(small.targets("test")[:3], 50), "cpu")["hist"]
     without = flops.user_positions(build_model(tiny(fusion=fusion), small, tok), hist)
     with_p = flops.user_positions(build_model(tiny(fusion=fusion, perceiver=True), small, tok), hist)
     if fusion == "soft_prompt":

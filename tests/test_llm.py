@@ -9,8 +9,10 @@ import torch
 import data
 import eval as evaluation
 import train_llm
-from common import configure
-from train_llm import DEFAULTS, Prompter, build_model, get_tokenizer
+import userllm
+from common import configure, to_device
+from data import Prompter, get_tokenizer, unique_names
+from userllm import DEFAULTS, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,8 +73,8 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
     plain = build_model(tiny(fusion="none", strategy="full"), small, tok)
     torch.save({"model": plain.state_dict(), "data": data}, tmp_path / "plain.pt")
     user = build_model(tiny(strategy=strategy), small, tok)
-    train_llm.load_llm(user, str(tmp_path / "plain.pt"), small)
-    batch = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
+    userllm.load_llm(user, str(tmp_path / "plain.pt"), small)
+    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets), "cpu")
     with torch.no_grad():
         assert torch.allclose(user(batch), plain(batch), atol=1e-6)
         for gate in user.llm.xattn.values():  # the user now matters, and the GPT weights are the plain run's
@@ -84,20 +86,20 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
     other = build_model(tiny(fusion="none", strategy="full", n_embd=48), small, tok)
     torch.save({"model": other.state_dict(), "data": data}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="does not fit this model"):
-        train_llm.load_llm(user, str(tmp_path / "other.pt"), small)
+        userllm.load_llm(user, str(tmp_path / "other.pt"), small)
     part = {k: v for k, v in plain.state_dict().items() if "h.1." not in k}
     torch.save({"model": part, "data": data}, tmp_path / "part.pt")
     with pytest.raises(SystemExit, match="does not hold this model's GPT"):
-        train_llm.load_llm(user, str(tmp_path / "part.pt"), small)
+        userllm.load_llm(user, str(tmp_path / "part.pt"), small)
     lora = build_model(tiny(fusion="none", strategy="lora"), small, tok)
     torch.save({"model": lora.state_dict(), "data": data}, tmp_path / "lora.pt")
     if strategy != "lora":  # a LoRA run's adapters are never dropped silently
         with pytest.raises(SystemExit, match="no place for, e.g. .*lora_"):
-            train_llm.load_llm(user, str(tmp_path / "lora.pt"), small)
+            userllm.load_llm(user, str(tmp_path / "lora.pt"), small)
     other_data = {**data, "vocab_sizes": [500, 9, 11], "sha256": "0" * 16, "path": "/elsewhere"}
     torch.save({"model": plain.state_dict(), "data": other_data}, tmp_path / "foreign.pt")
     with pytest.raises(SystemExit, match="foreign.pt was trained on /elsewhere .*500/9/11.*, not on .*prep"):
-        train_llm.load_llm(user, str(tmp_path / "foreign.pt"), small)
+        userllm.load_llm(user, str(tmp_path / "foreign.pt"), small)
 
 
 def test_prompts_hold_what_they_claim(small):
@@ -135,7 +137,7 @@ def test_gpt2_tokenizer_offline():
 
 
 def test_unique_names_disambiguates():
-    assert train_llm.unique_names(["<pad>", "Heat", "Up", "Heat"]) == ["<pad>", "Heat [1]", "Up", "Heat [3]"]
+    assert unique_names(["<pad>", "Heat", "Up", "Heat"]) == ["<pad>", "Heat [1]", "Up", "Heat [3]"]
 
 
 def test_trie_and_exact_logprobs(small):
@@ -191,7 +193,7 @@ def test_dual_encoder_cross_attention(small):
                kind="dual", n_user_embs=3)
     m = build_model(tiny(strategy="enc"), small, tok, enc_cfg=enc)
     targets = small.targets("val")[:4]
-    batch = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
+    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets), "cpu")
     assert m.context(batch["hist"])["user"].shape == (4, 3, 16)
     loss = m(batch)
     loss.backward()

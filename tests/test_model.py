@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from model import GPT, Block, GPTConfig, KVCache, LoRALinear, SoftPrompt, read_safetensors
+from model import GPT, Block, GPTConfig, KVCache, LoRALinear, SoftPrompt, beam_search, generate
+from userllm import load_gpt2, read_safetensors
 
 D = 8  # user-embedding width in these tests
 
@@ -143,7 +144,7 @@ def test_cached_forward_and_generation_equal_uncached(kind):
     steps = [model(idx[:, :8], cache=cache, **inputs)[0]]
     steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
-    out = model.generate(idx[:, :8], 10, **inputs)
+    out = generate(model, idx[:, :8], 10, **inputs)
     ref = idx[:, :8]
     for _ in range(10):  # uncached greedy: recompute everything for every token
         ref = torch.cat([ref, model(ref, **inputs)[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -165,8 +166,8 @@ def row(inputs, b):
 def test_beam_size_one_is_greedy(kind):
     model, inputs = fusion_inputs(kind)
     idx = torch.randint(0, 61, (3, 6))
-    greedy = model.generate(idx, 7, **inputs)[:, 6:]
-    beams = model.beam_search(idx, 1, 7, **inputs)
+    greedy = generate(model, idx, 7, **inputs)[:, 6:]
+    beams = beam_search(model, idx, 1, 7, **inputs)
     for b in range(3):
         (tokens, score), = beams[b]
         assert tokens == greedy[b].tolist()
@@ -176,8 +177,8 @@ def test_beam_size_one_is_greedy(kind):
 def test_beam_search_sorted_and_scores_match_forward():
     model, inputs = fusion_inputs("xattn")
     idx = torch.randint(0, 61, (3, 6))
-    eos = model.generate(idx, 3, **inputs)[0, -1].item()  # greedy emits it at step 3 of row 0: some beams finish
-    beams = model.beam_search(idx, 4, 6, eos=eos, **inputs)
+    eos = generate(model, idx, 3, **inputs)[0, -1].item()  # greedy emits it at step 3 of row 0: some beams finish
+    beams = beam_search(model, idx, 4, 6, eos=eos, **inputs)
     n_finished = 0
     for b in range(3):
         assert len(beams[b]) == 4 and len({tuple(t) for t, _ in beams[b]}) == 4
@@ -189,7 +190,7 @@ def test_beam_search_sorted_and_scores_match_forward():
             assert math.isclose(score, sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)), abs_tol=1e-4)
     assert n_finished > 0
     # the best hypothesis is at least as likely as greedy's (beam search explores a superset of greedy's path)
-    greedy = model.beam_search(idx, 1, 6, eos=eos, **inputs)
+    greedy = beam_search(model, idx, 1, 6, eos=eos, **inputs)
     assert all(beams[b][0][1] >= greedy[b][0][1] - 1e-5 for b in range(3))
 
 
@@ -202,7 +203,7 @@ def test_beam_search_honours_allowed():
         return [sorted({c[len(r)] for c in catalogue if c[:len(r)] == r}) for r in rows]
 
     idx = torch.randint(1, 61, (3, 6))
-    beams = model.beam_search(idx, 3, 8, eos=eos, allowed=allowed, **inputs)
+    beams = beam_search(model, idx, 3, 8, eos=eos, allowed=allowed, **inputs)
     for b in range(3):
         assert len(beams[b]) == 3 and all(t in catalogue for t, _ in beams[b])
         scores = [s for _, s in beams[b]]
@@ -211,7 +212,7 @@ def test_beam_search_honours_allowed():
         exact = sorted((sequence_logprob(model, idx[b:b + 1], c, row(inputs, b)) for c in catalogue), reverse=True)
         for s, e in zip(scores, exact[:3]):
             assert math.isclose(s, e, abs_tol=1e-4)
-    unconstrained = model.beam_search(idx, 3, 8, eos=eos, **inputs)
+    unconstrained = beam_search(model, idx, 3, 8, eos=eos, **inputs)
     assert any(t not in catalogue for b in unconstrained for t, _ in b)
 
 
@@ -235,7 +236,7 @@ def test_read_safetensors_without_the_package(tmp_path):
 
 
 @pytest.mark.parametrize("safe", [True, False])
-def test_from_pretrained_matches_transformers(tmp_path, safe):
+def test_load_gpt2_matches_transformers(tmp_path, safe):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100,
@@ -254,19 +255,19 @@ def test_from_pretrained_matches_transformers(tmp_path, safe):
     idx = torch.randint(0, 100, (2, 17))
     with torch.no_grad():
         ref = hf(idx).logits
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = load_gpt2(str(tmp_path)).eval()
     torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
     # new modules load untouched weights around them and start as the identity
-    x = GPT.from_pretrained(str(tmp_path), d_user=D, lora_rank=2, dropout=0.0).eval()
+    x = load_gpt2(str(tmp_path), d_user=D, lora_rank=2, dropout=0.0).eval()
     user, mask = user_batch(B=2)
     torch.testing.assert_close(x(idx, user=user, user_mask=mask)[0], ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="n_layer"):
-        GPT.from_pretrained(str(tmp_path), n_layer=4)
+        load_gpt2(str(tmp_path), n_layer=4)
 
 
-def test_from_pretrained_offline_fails_fast_with_one_line(tmp_path):
+def test_load_gpt2_offline_fails_fast_with_one_line(tmp_path):
     env = dict(os.environ, NANOUSERLLM_CACHE=str(tmp_path / "cache"), NANOUSERLLM_HUB="http://127.0.0.1:9")
-    code = "import model; model.GPT.from_pretrained('gpt2')"
+    code = "import userllm; userllm.load_gpt2('gpt2')"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import pytest
 
 import eval as evaluation
 from common import configure
-from train_llm import DEFAULTS
+from userllm import DEFAULTS
 
 SVG = "{http://www.w3.org/2000/svg}"
 
