@@ -200,13 +200,14 @@ def reference_rows(d, split, targets, seq_len, label, batch_size, device):
 
 
 def print_table(rows):
-    """rows: {name: {metric: value}} -> an aligned text table (a metric a row lacks is left blank)."""
-    metrics = list(next(iter(rows.values())))
+    """rows: {name: {metric: value}} -> an aligned text table: every metric any row has, in order of appearance (a
+    metric a row lacks is left blank)."""
+    metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
     width = max(len(name) for name in rows) + 2
-    print(" " * width + "".join(f"{m:>{max(11, len(m) + 2)}s}" for m in metrics))
+    col = {m: max(11, len(m) + 2) for m in metrics}
+    print(" " * width + "".join(f"{m:>{col[m]}s}" for m in metrics))
     for name, r in rows.items():
-        print(f"{name:{width}s}" + "".join(f"{r[m]:{max(11, len(m) + 2)}.4f}" if m in r else " " * max(11, len(m) + 2)
-                                          for m in metrics))
+        print(f"{name:{width}s}" + "".join(f"{r[m]:{col[m]}.4f}" if m in r else " " * col[m] for m in metrics))
 
 
 def checkpoint_data(ckpt, cfg):

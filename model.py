@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, key_mask=None, kv_cache=None):
         # key_mask: (B, L + T) bool, True where the key is real (not padding); None means all real. Or (B, T, L + T):
-        # each query's own keys, used as given (token trees, GPT.tree_logits).
+        # each query's own keys, used as given (token trees, tree_logits below).
         # kv_cache: a LayerKV holding the L earlier positions' keys/values (generation); x are the T new positions.
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each

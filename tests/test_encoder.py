@@ -204,7 +204,6 @@ def test_special_columns_are_minus_inf(name):
             assert logits.shape == (3, v + 1) and torch.isneginf(logits[:, [0, v]]).all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('name', ALL)
 def test_overfits_tiny_batch(name):
     """A few hundred Adam steps fit 4 users: the loss collapses and the true next label ranks first for every row.

@@ -198,3 +198,11 @@ def test_dual_encoder_cross_attention(small):
     loss = m(batch)
     loss.backward()
     assert torch.isfinite(loss) and m.encoder.user_proj.weight.grad is not None
+
+
+def test_results_table_shows_every_rows_metrics(capsys):
+    """With --beam=0 the model's row holds exact_* metrics and the reference rows recall@k: both must be printed."""
+    evaluation.print_table({"User-LLM": {"exact_recall@10": 0.25}, "most popular": {"recall@10": 0.0625}})
+    header, model, popular = capsys.readouterr().out.splitlines()
+    assert header.split() == ["exact_recall@10", "recall@10"]
+    assert model.split() == ["User-LLM", "0.2500"] and popular.split() == ["most", "popular", "0.0625"]

@@ -103,14 +103,16 @@ def test_every_script_answers_help(script, capsys):
 @pytest.mark.slow
 def test_two_processes_equal_one(small, tmp_path):
     """torchrun --nproc_per_node=2 computes what one process computes: same global batches, same losses."""
-    args = ["--max_steps=4", "--eval_interval=2", "--dropout=0.0", "--grad_accum=2", "--warmup_steps=1",
+    args = [os.path.join(ROOT, "train_encoder.py"), f"--data_dir={small}", "--n_layer=1", "--n_embd=32",
+            "--feature_dims=(16, 8, 8)", "--batch_size=16", "--log_interval=1", "--max_steps=4", "--eval_interval=2",
+            "--dropout=0.0", "--grad_accum=2", "--warmup_steps=1",
             "--eval_examples=300"]  # validation spans two batches: one for each rank
-    run_encoder(small, tmp_path / "one", *args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(ROOT, "train_encoder.py"), f"--data_dir={small}", f"--out_dir={tmp_path / 'two'}", "--n_layer=1",
-           "--n_embd=32", "--feature_dims=(16, 8, 8)", "--batch_size=16", "--eval_examples=32", "--log_interval=1", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count, so the same summation order in every matmul
+    subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    subprocess.run([*torchrun, *args, f"--out_dir={tmp_path / 'two'}"], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=300)
     assert log_rows(tmp_path / "one") == log_rows(tmp_path / "two")  # every loss and validation line, exactly
     assert set(losses(tmp_path / "one")) == {1, 2, 3, 4}
     a, b = (load_checkpoint(str(tmp_path / x / "ckpt.pt")) for x in ("one", "two"))
