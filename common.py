@@ -5,7 +5,9 @@ Plumbing shared by train_encoder.py and train_llm.py (and data.py / eval.py for 
   minus its silent typos).
 - setup_distributed(): torchrun-aware device / process-group setup (NCCL on GPU, gloo on CPU) and mixed precision.
 - get_lr(): linear warmup + cosine decay (paper App. C).
-- save_checkpoint() / load_checkpoint(): atomic writes, weights_only loads.
+- save_checkpoint() / load_checkpoint(): atomic writes, weights_only loads; check_data(): a checkpoint is used only
+  with the dataset it was trained on (data.UserData.fingerprint).
+- ranking_metrics() / evaluate_ranking() / evaluate_loss(): the validation both loops (and eval.py) run.
 - train(): the hand-written training loop both scripts run, in the familiar order:
   set LR -> evaluate/checkpoint -> micro-steps (grad sync on the last) -> unscale, clip -> step -> zero grads -> log.
 """
@@ -359,7 +361,7 @@ def micro_batch_targets(global_targets, ctx, grad_accum):
 
 
 def check_train_config(cfg):
-    """What can be checked before anything is written to out_dir (the scripts call it before saving config.json)."""
+    """What can be checked before any work or any write to out_dir: the scripts call it first, train() again."""
     if cfg.init_from not in ("scratch", "resume"):
         raise SystemExit(f"config: init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
     if cfg.init_from == "resume" and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):

@@ -90,7 +90,7 @@ def order_events(raw, min_events):
     short = np.repeat(lengths < min_events, lengths)
     n_short = int((lengths < min_events).sum())
     _drop(rep, f'short user (< {min_events} events; {n_short:,} users)', raw.line[order[short]])
-    rep.kept = int((~short).sum())
+    rep.close(int((~short).sum()))
     return order[~short], lengths[lengths >= min_events]
 
 

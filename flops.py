@@ -68,8 +68,8 @@ from userllm import GPT2_NAMES, build_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 # train_llm.py keys that set a model's shape; their defaults are the demo's (configs/synthetic_llm.py)
 SHAPE_KEYS = ("seq_len", "n_layer", "n_head", "n_embd", "max_text_tokens", "n_latents", "perceiver_layers",
-              "n_task_tokens", "enc_feature_dims", "enc_n_embd", "enc_n_layer", "enc_n_head", "xattn_every", "xattn_dim",
-              "max_answer_tokens")
+              "n_task_tokens", "enc_feature_dims", "enc_n_embd", "enc_n_layer", "enc_n_head", "xattn_every",
+              "xattn_dim", "max_answer_tokens")
 DEMO = vars(configure(userllm.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_llm.py")]))
 DEFAULTS = dict(
     dataset="synthetic", data_dir="", examples=200,  # table 1: test examples tokenized

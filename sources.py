@@ -86,14 +86,14 @@ NO_GENRE, NO_CATEGORY = '(no genres listed)', '(no category)'
 
 class Report:
     """Bad-input bookkeeping of one raw file: rows kept, rows dropped per reason, rows repaired per reason.
-    strict=True turns the earliest problem in file order into a one-line SystemExit naming file and line. It is raised
-    when `kept` is set, which closes the report: readers set it after reading, data.order_events after its
-    vectorised checks. Raising at the first problem seen would be wrong: a duplicate found after reading can sit on
+    strict=True turns the earliest problem in file order into a one-line SystemExit naming file and line, raised by
+    close() once every check of the file has run (readers close after reading, data.order_events after its
+    vectorised checks). Raising at the first problem seen would be wrong: a duplicate found after reading can sit on
     an earlier line than a malformed line found while reading."""
 
     def __init__(self, path, strict=False):
         self.path, self.strict, self.first = Path(path), strict, None  # first: (line, reason) of the earliest problem
-        self._kept, self.dropped, self.repaired = 0, Counter(), Counter()
+        self.kept, self.dropped, self.repaired = 0, Counter(), Counter()
 
     def drop(self, reason, line, n=1):
         self._note(reason, line)
@@ -107,13 +107,9 @@ class Report:
         if self.strict and (self.first is None or line < self.first[0]):
             self.first = (int(line), reason)
 
-    @property
-    def kept(self):
-        return self._kept
-
-    @kept.setter
-    def kept(self, n):
-        self._kept = n
+    def close(self, kept):
+        """Record the rows kept; in strict mode, fail on the earliest problem any check found."""
+        self.kept = kept
         if self.first:
             raise SystemExit(f"{self.path}:{self.first[0]}: {self.first[1]} (strict mode)")
 
@@ -332,7 +328,7 @@ def read_movielens_items(path, report):
         ids.append(int(row[0]))
         titles.append(row[1].strip())
         genres.append(g or [NO_GENRE])
-    report.kept = len(ids)
+    report.close(len(ids))
     return ids, titles, genres
 
 
@@ -381,7 +377,7 @@ def _attach_reviews(raw, raw_item, path, strict):
     enc = [texts.pop(k, (0, ''))[1].encode() for k in keys]
     if texts:  # texts of no rating: counted at the first one's line, the line strict mode names
         report.drop('unknown id', min(ln for ln, _ in texts.values()), len(texts))
-    report.kept = sum(map(bool, enc))
+    report.close(sum(map(bool, enc)))
     raw.review_offsets = np.r_[0, np.cumsum([len(b) for b in enc])].astype(np.int64)
     raw.review_bytes = np.frombuffer(b''.join(enc), np.uint8)
     raw.other_reports.append(report)
@@ -460,7 +456,7 @@ def read_json_source(review_path, meta_path, src, strict=False):
         index[key] = len(titles)
         titles.append(clean_title(m.get(src['title']), src['fallback'].format(key)))
         cats.append(src['pick'](c) if c else NO_CATEGORY)
-    meta_report.kept = len(titles)
+    meta_report.close(len(titles))
     users, user, item, ts, rating, line = {}, array('q'), array('q'), array('q'), array('f'), array('q')
     texts, offsets = bytearray(), array('q', [0])
     for ln, r in json_lines(review_path, report):

@@ -102,7 +102,8 @@ def test_micro_batches_do_not_depend_on_world_size():
     one = micro_batch_targets(ids, Context(0, 0, 1, torch.device("cpu"), torch.float32), 4)
     two = [micro_batch_targets(ids, Context(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
     assert [c.tolist() for c in one] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    assert [c.tolist() for c in two[0]] == [[0, 1, 2], [6, 7, 8]] and [c.tolist() for c in two[1]] == [[3, 4, 5], [9, 10, 11]]
+    assert [c.tolist() for c in two[0]] == [[0, 1, 2], [6, 7, 8]]
+    assert [c.tolist() for c in two[1]] == [[3, 4, 5], [9, 10, 11]]
     with pytest.raises(SystemExit, match="multiple of the world size"):
         micro_batch_targets(ids, Context(0, 0, 2, torch.device("cpu"), torch.float32), 3)
 

@@ -111,7 +111,8 @@ def test_prompts_hold_what_they_claim(small):
         text = tok.decode([x for x in batch["idx"][r].tolist()])
         titles = [small.item_titles[small.feats[0][j]] for j in range(t - 3, t)]  # the last 3 events, oldest first
         history = text.split("History: ")[1].split("\n")[0]
-        assert history == "; ".join(f"{ti}, {small.rating_values[small.feats[2][j]]:g}" for ti, j in zip(titles, range(t - 3, t)))
+        ratings = [small.rating_values[small.feats[2][j]] for j in range(t - 3, t)]
+        assert history == "; ".join(f"{ti}, {r:g}" for ti, r in zip(titles, ratings))
         answer = [x for x in batch["targets"][r].tolist() if x >= 0]  # the loss sees the answer and eot only
         assert tok.decode(answer) == " " + p.names[small.feats[0][t]] + "<|endoftext|>"
     fixed = Prompter(small, tok, "next_item", 0, 512, 64).prompts(targets)

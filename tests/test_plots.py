@@ -17,7 +17,8 @@ def fake_run(path, recall, losses, **cfg):
     path.mkdir()
     c = configure(DEFAULTS, [f"--{k}={v}" for k, v in cfg.items()] + ["--encoder_ckpt=enc.pt"])
     (path / "config.json").write_text(json.dumps(vars(c)))
-    (path / "log.jsonl").write_text("".join(json.dumps({"step": 20 * i, "loss": x}) + "\n" for i, x in enumerate(losses)))
+    rows = [json.dumps({"step": 20 * i, "loss": x}) + "\n" for i, x in enumerate(losses)]
+    (path / "log.jsonl").write_text("".join(rows))
     (path / "eval_test.json").write_text(json.dumps({"results": {"model": {"recall@10": recall},
                                                                  "most popular": {"recall@10": 0.07}}}))
     return str(path)
@@ -52,7 +53,8 @@ def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
         evaluation.plot_fig3([str(tmp_path)], str(tmp_path / "x.svg"))
     encoder = fake_run(tmp_path / "enc", 0.5, [3, 1])
     config = json.loads((tmp_path / "enc" / "config.json").read_text())
-    (tmp_path / "enc" / "config.json").write_text(json.dumps({k: config[k] for k in ("seq_len", "seed")} | {"kind": "ar"}))
+    enc_config = {k: config[k] for k in ("seq_len", "seed")} | {"kind": "ar"}
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(enc_config))
     with pytest.raises(SystemExit, match="encoder's"):
         evaluation.plot_fig3([encoder], str(tmp_path / "x.svg"))
 
