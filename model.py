@@ -14,12 +14,8 @@ Used through userllm.py (train_llm.py, eval.py, flops.py); tested by `python -m 
 Dimension letters: B batch, T token positions, P prefix positions, L cached positions, M user events (or latents),
 C channels (n_embd), D the user-embedding width (d_user), nh heads, hs head size, V vocabulary, K beams.
 """
-import json
 import math
-import mmap
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
