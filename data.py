@@ -187,6 +187,7 @@ class UserData:
         self.offsets = load('offsets.npy')
         self.n_users = len(self.offsets) - 1
         self.feats = tuple(load(f'{f}.npy') for f in self.features)
+        self._fingerprint = None  # see fingerprint()
         self.timestamps = load('timestamps.npy', 'r')
         self.item_titles, self.genre_names, self.user_ids, self.item_ids = (
             json.loads((self.path / f).read_text(encoding='utf-8'))
@@ -198,12 +199,15 @@ class UserData:
     def fingerprint(self):
         """What identifies this prepared dataset: stored in every checkpoint, compared (common.check_data) whenever a
         checkpoint is used with data, so that a model is never scored on, or continued with, data it was not made
-        for."""
-        h = hashlib.sha256()
-        for a in (self.offsets, *self.feats):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return dict(dataset=self.meta['dataset'], path=str(self.path.resolve()), vocab_sizes=list(self.vocab_sizes),
-                    n_users=int(self.n_users), n_events=int(self.offsets[-1]), sha256=h.hexdigest()[:16])
+        for. Hashed once per UserData (a training run checks and stores it several times)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for a in (self.offsets, *self.feats):
+                h.update(np.ascontiguousarray(a))  # the array's bytes, without a copy
+            self._fingerprint = dict(dataset=self.meta['dataset'], path=str(self.path.resolve()),
+                                     vocab_sizes=list(self.vocab_sizes), n_users=int(self.n_users),
+                                     n_events=int(self.offsets[-1]), sha256=h.hexdigest()[:16])
+        return dict(self._fingerprint)
 
     def user_of(self, events):
         """User index of flat event indices."""
