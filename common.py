@@ -400,17 +400,19 @@ class RunLog:
             self.file = open(self.path, "w")
             self.file.writelines(rows)
 
-    def validation(self, step, metrics):
+    def validation(self, step, metrics, cpu_s):
         if self.master:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            self.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})  # flushed: never lost to a kill
+            row = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}, "cpu_s": cpu_s}
+            self.write(row)  # flushed: never lost to a kill
 
-    def training(self, step, loss, lr, examples_per_step):
-        """A training row every log_interval steps: loss, lr and throughput since the last row."""
+    def training(self, step, loss, lr, examples_per_step, cpu_s, watch):
+        """A training row every log_interval steps: loss, lr, throughput since the last row, training CPU-seconds so
+        far and the watched values (User-LLM: tanh of each gate), which the progress bar shows too."""
         if self.master:
             rate = (step - self.t0_step) * examples_per_step / max(time.time() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            self.write({"step": step, "loss": loss, "lr": lr, "units_per_s": rate})
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{k: f"{v:+.2f}" for k, v in watch.items()})
+            self.write({"step": step, "loss": loss, "lr": lr, "units_per_s": rate, "cpu_s": cpu_s, **watch})
             self.t0, self.t0_step = time.time(), step
 
     def write(self, row):
@@ -435,6 +437,7 @@ class Run:
     step: int = 0
     best: float = None  # the best validation value of the selection metric so far
     metrics: dict = None  # the latest validation metrics
+    cpu_s: float = 0.0  # CPU-seconds spent in training steps so far (all threads; validation not counted)
 
     def save(self, path):
         rng = {"cpu": torch.get_rng_state()}
@@ -442,7 +445,8 @@ class Run:
             rng["cuda"] = [torch.cuda.get_rng_state()]
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "best": self.best,
-                         "metrics": self.metrics, "config": vars(self.cfg), "rng": rng, **self.extra}, path)
+                         "metrics": self.metrics, "cpu_s": self.cpu_s, "config": vars(self.cfg), "rng": rng,
+                         **self.extra}, path)
 
     def restore(self, path):
         """Continue from a checkpoint of this run (weights, optimizer, scaler, RNGs, step), trained on this data."""
@@ -457,6 +461,7 @@ class Run:
             cuda = ckpt["rng"]["cuda"]
             torch.cuda.set_rng_state(cuda[min(self.ctx.rank, len(cuda) - 1)].cpu())
         self.step, self.best, self.metrics = ckpt["step"], ckpt["best"], ckpt["metrics"]
+        self.cpu_s = ckpt.get("cpu_s", 0.0)
 
 
 def start(cfg, ctx, model, optimizer, extra):
@@ -484,7 +489,7 @@ def validate(run, evaluate, select, log):
     run.model.train()
     improved = select.improved(run.metrics[select.metric], run.best)
     run.best = run.metrics[select.metric] if improved else run.best
-    log.validation(run.step, run.metrics)
+    log.validation(run.step, run.metrics, run.cpu_s)
     if run.ctx.master:
         run.save(os.path.join(run.cfg.out_dir, "ckpt.pt"))
         if improved:
@@ -524,10 +529,12 @@ def clip_and_step(run):
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, extra, units_per_example=1):
+def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select, extra, units_per_example=1,
+          watch=dict):
     """The training loop. model(batch) -> loss. global_batch(step) -> the step's example ids (identical on all ranks);
     make_batch(ids) -> a batch on ctx.device; evaluate(model) -> dict of validation metrics (all ranks take part);
-    select: a Selection, the metric that picks best.pt; extra: what checkpoints store beside the weights.
+    select: a Selection, the metric that picks best.pt; extra: what checkpoints store beside the weights;
+    watch() -> a dict of numbers logged with each training row and shown in the progress bar.
     Returns the last validation metrics."""
     run = start(cfg, ctx, model, optimizer, extra)
     log = RunLog(cfg, ctx, run.step, resumed=cfg.init_from == "resume")
@@ -544,14 +551,15 @@ def train(cfg, ctx, model, optimizer, global_batch, make_batch, evaluate, select
             validate(run, evaluate, select, log)
         if run.step == cfg.max_steps:
             break
+        cpu0 = time.process_time()
         micro = micro_batch_targets(global_batch(run.step), ctx, cfg.grad_accum)
         loss = accumulate_gradients(model, micro, make_batch, run)
         stop_if_not_finite(loss, run, log)
         clip_and_step(run)
-        run.step += 1
+        run.step, run.cpu_s = run.step + 1, run.cpu_s + time.process_time() - cpu0
         log.bar.update(1)
         if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
-            log.training(run.step, loss, lr, cfg.batch_size * units_per_example)
+            log.training(run.step, loss, lr, cfg.batch_size * units_per_example, run.cpu_s, watch())
     log.close()
     if ctx.master:
         print(f"done: best validation {select.metric} {run.best:.4f}; checkpoints {cfg.out_dir}/best.pt (best), "

@@ -191,6 +191,22 @@ class GatedCrossAttention(nn.Module):
         return x + has_user * torch.tanh(self.gate_ff) * self.mlp(self.ln_2(x))
 
 
+class Recency(nn.Module):
+    """A learned embedding of each event's recency, added to the user embeddings before they are attended to:
+    attention sees a set, and without it nothing tells the latest event (whose embedding predicts what comes next)
+    from the 49 before it. Index k = the number of real events after this one (0 = the latest), so left or right
+    padding changes nothing. Starts at std 1, as Flamingo's time embeddings do."""
+
+    def __init__(self, max_events, d):
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(max_events, d))
+
+    def forward(self, x, mask):
+        # x (B, N, D) user embeddings; mask (B, N) bool, True = real event. Returns x + the recency embedding.
+        after = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, N): real events after each one
+        return x + self.emb[after.clamp(max=self.emb.size(0) - 1)]
+
+
 class SoftPrompt(nn.Module):
     """Soft-prompt fusion (App. B): user embeddings projected to the LLM width by a two-layer MLP (Linear-GELU-Linear,
     so the projection can be non-linear as in the paper's projection layers) and a learned task prompt of

@@ -20,6 +20,13 @@ from data import Prompter, UserData, batch_targets, get_tokenizer
 from userllm import DEFAULTS, build_model, load_llm
 
 
+def fusion_lr_mult(cfg):
+    """The new layers between encoder and LLM (cross-attention, Perceiver, soft prompt) train at fusion_lr_mult x lr,
+    the gates at gate_lr_mult x that (see configs/synthetic_llm.py for why)."""
+    new = cfg.fusion_lr_mult
+    return {"gate_": new * cfg.gate_lr_mult, "llm.xattn.": new, "perceiver.": new, "soft_prompt.": new, "recency.": new}
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
     check_train_config(cfg)
@@ -42,14 +49,14 @@ def main(argv):
     def make_batch(ids):
         return to_device(prompter(d.batch(ids, cfg.seq_len), ids), ctx.device)
 
-    # gate_lr_mult > 1 lets the tanh gates, which start at 0 (Sec 3.2.1), open in a short run (configs/synthetic_llm.py)
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), lr_mult={"gate_": cfg.gate_lr_mult})
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), lr_mult=fusion_lr_mult(cfg))
     train(cfg, ctx, model, optimizer,
           global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
           make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx),
           select=Selection("loss", higher_is_better=False),
           extra={"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
-                 "llm_config": dataclasses.asdict(model.llm.config), "data": d.fingerprint()})
+                 "llm_config": dataclasses.asdict(model.llm.config), "data": d.fingerprint()},
+          watch=model.gates)
     cleanup_distributed(ctx)
 
 

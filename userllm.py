@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from common import TRAIN_DEFAULTS, check_data, load_checkpoint, load_weights
 from encoder import EncoderConfig, history_positions, make_encoder
-from model import GPT, GPTConfig, SoftPrompt
+from model import GPT, GPTConfig, Recency, SoftPrompt
 from perceiver import PerceiverResampler
 from sources import download
 
@@ -34,6 +34,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     strategy="enc",  # full | lora | enc | proj
     text_events=0,  # > 0: the last k events as text in the prompt (TextPrompt: TP10, TP50; with an encoder: AR50TP10)
     perceiver=False, n_latents=16, perceiver_layers=2,
+    recency=True,  # cross-attention: add a learned recency embedding to the events it attends to (model.Recency)
     # the user encoder: a train_encoder.py checkpoint, or (encoder_ckpt='') a random AR encoder of this shape
     encoder_ckpt="", enc_feature_dims=(64, 16, 16), enc_n_embd=128, enc_n_layer=2, enc_n_head=4,
     # the LLM: 'gpt2' (and -medium/-large/-xl, or a local Hugging Face folder) with the GPT-2 tokenizer, or 'scratch':
@@ -41,7 +42,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     # checkpoint (see load_llm), e.g. the GPT of a run without user context.
     llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer, in tokens (the GPT's positions add the soft prompt's)
-    xattn_every=1, xattn_dim=0, gate_lr_mult=1.0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
+    xattn_every=1, xattn_dim=0, fusion_lr_mult=1.0, gate_lr_mult=1.0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
     max_answer_tokens=64,
     **TRAIN_DEFAULTS,
 )
@@ -50,16 +51,18 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
 class UserLLM(nn.Module):
     """encoder -> [Perceiver] -> fusion -> GPT (no encoder for TextPrompt). forward(batch) -> the answer-token loss."""
 
-    def __init__(self, encoder, llm, fusion, perceiver=None, soft_prompt=None):
+    def __init__(self, encoder, llm, fusion, perceiver=None, soft_prompt=None, recency=None):
         super().__init__()
         self.encoder, self.llm, self.fusion = encoder, llm, fusion
-        self.perceiver, self.soft_prompt = perceiver, soft_prompt
+        self.perceiver, self.soft_prompt, self.recency = perceiver, soft_prompt, recency
 
     def context(self, hist):
         """The keyword arguments that hand the user to the GPT (none for TextPrompt)."""
         if self.fusion == "none":
             return {}
         user, mask = self.encoder.embed(hist)  # (B, N, d_user), (B, N)
+        if self.recency is not None:
+            user = self.recency(user, mask)  # which event is the latest: the cross-attention sees a set
         if self.perceiver is not None:
             user, mask = self.perceiver(user, mask)  # (B, M, d_user): 50 events -> 16 latents
         if self.fusion == "soft_prompt":
@@ -70,6 +73,13 @@ class UserLLM(nn.Module):
     def forward(self, batch):
         return self.llm(batch["idx"], batch["targets"], **self.context(batch["hist"]))[1]
 
+    def gates(self):
+        """tanh of every cross-attention gate, {'attn0': ., 'ff0': ., ...} by block: how much of the user reaches the
+        LLM (0 at the start; train_llm.py logs them)."""
+        return {f"{kind}{i}": torch.tanh(getattr(block, f"gate_{kind}")).item()
+                for i, block in (self.llm.xattn.items() if self.fusion == "xattn" else ())
+                for kind in ("attn", "ff")}
+
 
 def apply_strategy(model, strategy):
     """Sec 3.2.3: choose what trains. The fusion layers (cross-attention, soft-prompt projection, Perceiver) always
@@ -79,7 +89,7 @@ def apply_strategy(model, strategy):
     if model.fusion == "none" and strategy in ("enc", "proj"):
         raise SystemExit(f"config: strategy '{strategy}' trains user-embedding layers, but fusion='none' has none")
     for name, p in model.named_parameters():
-        if name.startswith("llm.xattn") or name.startswith(("perceiver.", "soft_prompt.")):
+        if name.startswith(("llm.xattn", "perceiver.", "soft_prompt.", "recency.")):
             p.requires_grad = True  # fusion
         elif name.startswith("encoder."):
             p.requires_grad = strategy != "proj" and model.fusion != "none"
@@ -126,9 +136,12 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
         raise SystemExit(f"config: text (max_text_tokens={cfg.max_text_tokens}) + soft prompt ({cfg.n_task_tokens} + "
                          f"{n_user}) exceed the LLM's {llm.config.block_size} positions")
     use_perceiver = cfg.perceiver and cfg.fusion != "none"
-    perceiver = PerceiverResampler(d_user, cfg.n_latents, cfg.perceiver_layers) if use_perceiver else None
+    perceiver = (PerceiverResampler(d_user, cfg.n_latents, cfg.perceiver_layers, max_events=history_positions(cfg.seq_len))
+                 if use_perceiver else None)
     soft_prompt = SoftPrompt(d_user, llm.config.n_embd, cfg.n_task_tokens) if cfg.fusion == "soft_prompt" else None
-    model = UserLLM(encoder, llm, cfg.fusion, perceiver, soft_prompt)
+    use_recency = cfg.fusion == "xattn" and cfg.recency and not use_perceiver  # the Perceiver has its own
+    recency = Recency(history_positions(cfg.seq_len), d_user) if use_recency else None
+    model = UserLLM(encoder, llm, cfg.fusion, perceiver, soft_prompt, recency)
     apply_strategy(model, cfg.strategy)
     return model
 

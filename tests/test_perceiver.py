@@ -54,3 +54,21 @@ def test_in_front_of_both_fusions():
     prefix, prefix_mask = SoftPrompt(D, 16, n_task_tokens=2)(lat, lat_mask)
     logits, _ = GPT(GPTConfig(**cfg))(idx, prefix=prefix, prefix_mask=prefix_mask)
     assert logits.shape == (2, 7, 50) and prefix.shape == (2, 2 + 4, 16)
+
+
+def test_latents_start_distinct_and_order_matters():
+    """Flamingo's init: 16 latents that ask different questions (with std 0.02 they started at mean cosine 0.985 after
+    their LayerNorm), and a time embedding by recency, so the same events in another order give other latents."""
+    torch.manual_seed(0)
+    p = PerceiverResampler(128, n_latents=16, max_events=51)
+    q = torch.nn.functional.normalize(p.layers[0].ln_lat(p.latents), dim=-1)
+    off_diagonal = (q @ q.T)[~torch.eye(16, dtype=torch.bool)]
+    assert off_diagonal.abs().mean() < 0.2
+    x, mask = torch.randn(1, 6, 128), torch.ones(1, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    swapped = x[:, [0, 1, 2, 4, 3, 5]]  # two real events trade places
+    assert not torch.allclose(p(x, mask)[0], p(swapped, mask)[0], atol=1e-3)
+    without_time = PerceiverResampler(128, n_latents=16, max_events=51)
+    without_time.load_state_dict(p.state_dict())
+    without_time.time.emb.data.zero_()  # the control: without it, attention over a set cannot see the order
+    torch.testing.assert_close(without_time(x, mask)[0], without_time(swapped, mask)[0], atol=1e-5, rtol=0)
