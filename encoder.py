@@ -105,6 +105,43 @@ def masked_cross_entropy(logits, targets):
     return F.cross_entropy(logits[keep], targets[keep], reduction='sum') / keep.sum().clamp(min=1)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(x @ w.T, y, reduction='sum') for x (K, d), w (V, d), y (K,), a chunk of rows at a time, with the
+    gradients computed in the same pass (softmax - one-hot): the (chunk, V) logits stay in the CPU's cache and no (K, V)
+    tensor is ever allocated, filled or saved for backward. Same numbers to float tolerance (tested)."""
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, x, w, y):
+        loss, dx, dw = x.new_zeros(()), torch.empty_like(x), torch.zeros_like(w)
+        for i in range(0, len(x), LinearCrossEntropy.CHUNK):
+            xc, yc = x[i:i + LinearCrossEntropy.CHUNK], y[i:i + LinearCrossEntropy.CHUNK]
+            z = xc @ w.T  # (chunk, V)
+            lse = torch.logsumexp(z, 1)
+            loss += (lse - z.gather(1, yc[:, None])[:, 0]).sum()
+            p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+            p[torch.arange(len(yc)), yc] -= 1.0  # d loss / d logits
+            torch.mm(p, w, out=dx[i:i + LinearCrossEntropy.CHUNK])
+            dw.addmm_(p.T, xc)
+        ctx.save_for_backward(dx, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return grad * dx, grad * dw, None
+
+
+def linear_cross_entropy(x, w, y):
+    """Summed cross-entropy of the logits x @ w.T against y. On the CPU in fp32, with gradients needed:
+    LinearCrossEntropy; elsewhere (a GPU, where a (K, V) tensor is cheap; CPU bf16 autocast; no gradients) the plain
+    expression."""
+    fused = x.device.type == 'cpu' and x.dtype == w.dtype and torch.is_grad_enabled()
+    if fused and (x.requires_grad or w.requires_grad):
+        return LinearCrossEntropy.apply(x, w, y)
+    return F.cross_entropy(x @ w.T, y, reduction='sum')
+
+
 def with_target(batch):
     """The data dict -> F x (B, N+1): each feature's history with the target event appended."""
     return [torch.cat([h, t[:, None]], dim=1) for h, t in zip(batch['hist'], batch['target'])]
@@ -167,8 +204,17 @@ class UserEncoder(nn.Module):
 
     def feature_loss(self, h, targets):
         """Sum over features of loss_weights[f] * cross-entropy of h (B, T, C) against targets F x (B, T) (0 = skip)."""
-        return sum(w * masked_cross_entropy(self.logits(h, f), targets[f])
-                   for f, w in enumerate(self.cfg.loss_weights) if w != 0)
+        return sum(w * self.target_loss(h, targets[f], f) for f, w in enumerate(self.cfg.loss_weights) if w != 0)
+
+    def target_loss(self, h, targets, f):
+        """masked_cross_entropy(self.logits(h, f), targets), computed where it counts (equal to float tolerance,
+        tested): only the positions with a target are projected, and only against the real ids 1..V_f - 1, since the
+        -inf columns add nothing to a softmax. So no (B, T, V_f) logits are built, masked, then copied by the mask
+        (and, training on the CPU, no (K, V_f) ones either: linear_cross_entropy)."""
+        keep = targets != 0
+        table = self.trunk.wte[f].weight[1:self.cfg.vocab_sizes[f]]  # (V_f - 1, d_f): the real ids, tied
+        x = self.proj[f](h[keep])  # (K, d_f), K = targets to predict; logits x @ table.T
+        return linear_cross_entropy(x, table, targets[keep] - 1) / keep.sum().clamp(min=1)
 
     def loss(self, batch):
         """Next-event cross-entropy at every real position of the history + target sequence."""

@@ -23,7 +23,7 @@ Three tables, printed and written as JSON to --out (default out/flops.json):
    50 -> 16), on the same GPT, *including* the user encoder and Perceiver that the paper's count leaves out.
 
 The other modes print one table each:
-4. one train_encoder.py config's training step: events/s, FLOP/s, MFU on a known GPU.
+4. one train_encoder.py config's training step: examples/s, events/s, targets/s, FLOP/s, MFU on a known GPU.
 5. fp32 vs bf16 autocast on the CPU, forward + backward of the demo encoder, the demo User-LLM's GPT and GPT-2 small
    (random weights and ids): ms/step, units/s, speedup. It is why dtype=auto stays fp32 on the CPU (common.py).
 6. the GPU check: train_encoder.py (configs/synthetic_enc.py) and train_llm.py (configs/synthetic_llm.py with a
@@ -267,8 +267,8 @@ PEAK_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e1
 
 
 def encoder_table(config_path, d, batch_size, steps, device):
-    """Events/s and achieved FLOP/s of one training step (forward, backward, AdamW) of a train_encoder.py config's
-    encoder on dataset d; MFU against the device's peak where it is known."""
+    """Examples/s, events/s, supervised targets/s and achieved FLOP/s of one training step (forward, backward, AdamW)
+    of a train_encoder.py config's encoder on dataset d; MFU against the device's peak where it is known."""
     c = configure(encoder.DEFAULTS, [config_path])
     model = make_encoder(encoder_config(c, d.vocab_sizes)).to(device)
     ids = seeded_subset(d.targets("train"), batch_size, 0)
@@ -279,10 +279,23 @@ def encoder_table(config_path, d, batch_size, steps, device):
     ms = time_train_step(model, batch, steps)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = peak_flops(name)
-    achieved = counter.get_total_flops() / (ms / 1000)
+    achieved, per_s = counter.get_total_flops() / (ms / 1000), 1000 / ms
     return [dict(config=os.path.basename(config_path), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                 batch=len(ids), N=c.seq_len, ms_step=ms, events_per_s=len(ids) * c.seq_len / (ms / 1000),
+                 batch=len(ids), N=c.seq_len, ms_step=ms, examples_per_s=len(ids) * per_s,
+                 events_per_s=len(ids) * c.seq_len * per_s, targets_per_s=supervised_targets(model, batch) * per_s,
                  gflops_per_s=achieved / 1e9, device=name, mfu=f"{100 * achieved / peak:.1f}%" if peak else "n/a")]
+
+
+def supervised_targets(model, batch):
+    """Events a training step's loss predicts (each on every feature): the AR encoder's next event after every real
+    history event (the last one's is the target), the Dual Encoder's one label per example, Bert4Rec's masked events
+    (random: about mask_prob of the real events, the target included, at least one per sequence)."""
+    real = (batch["hist"][0] != 0).sum(1)  # (B,) real history events per example
+    if model.cfg.kind == "ar":
+        return real.sum().item()
+    if model.cfg.kind == "dual":
+        return len(real)
+    return (model.cfg.mask_prob * (real + 1)).clamp(min=1).sum().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,7 +376,7 @@ def gpu_check_runs(cfg):
     first time training steps alone."""
     n_layer, n_head, n_embd = cfg.gpu_check_shape
     llm = ["--llm=scratch", f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", "--encoder_ckpt=",
-           "--lr=6e-4", "--min_lr=6e-5"]  # GPT-2's learning rate: the demo's 3e-3 suits its 2-layer GPT, not 12 layers
+           "--llm_ckpt=", "--lr=6e-4", "--min_lr=6e-5"]  # GPT-2's learning rate, from random weights
     enc_batch, llm_batch = cfg.gpu_check_batch
     data = [f"--data_dir={os.path.abspath(cfg.data_dir)}"] if cfg.data_dir else []  # '': data/synthetic
     runs = [("encoder", "train_encoder.py", "configs/synthetic_enc.py", [], enc_batch, cfg.gpu_check_dtype,
@@ -604,7 +617,8 @@ def main(argv):
         rows = encoder_table(cfg.encoder, d, cfg.batch_size, cfg.steps, device)
         print_table(f"4. encoder training step (forward, backward, AdamW), data {d.path}", rows,
                     [("config", "config", ""), ("params (M)", "params_m", ".2f"), ("batch", "batch", "d"),
-                     ("N", "N", "d"), ("ms/step", "ms_step", ".0f"), ("events/s", "events_per_s", ",.0f"),
+                     ("N", "N", "d"), ("ms/step", "ms_step", ".0f"), ("examples/s", "examples_per_s", ",.0f"),
+                     ("events/s", "events_per_s", ",.0f"), ("targets/s", "targets_per_s", ",.0f"),
                      ("GFLOP/s", "gflops_per_s", ".1f"), ("device", "device", ""), ("MFU", "mfu", "")])
         return rows
     shape = llm_config(cfg)  # checks llm / random_weights

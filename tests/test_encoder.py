@@ -5,8 +5,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from encoder import Bert4Rec, DualEncoder, EncoderConfig, UserEncoder
+import encoder
+from encoder import Bert4Rec, DualEncoder, EncoderConfig, UserEncoder, masked_cross_entropy
 
 VOCAB = (31, 6, 6)  # item, genre, rating; id 0 is padding
 SMALL = dict(vocab_sizes=VOCAB, feature_dims=(16, 8, 8), n_embd=32, n_layer=2, n_head=4, block_size=16)
@@ -223,3 +225,41 @@ def test_overfits_tiny_batch(name):
         assert torch.equal(m.scores(b['hist']).argmax(1), label)
         final = m.loss(b).item()
     assert final < 0.1 * first, (first, final)
+
+
+@pytest.mark.parametrize('name', ['ar', 'bert4rec'])
+def test_feature_loss_equals_the_masked_full_softmax(name):
+    """The training loss (only positions with a target, only the real columns) equals, with the same gradients, the
+    straightforward one: every position's full logits with -inf columns, then masked_cross_entropy. An all-padding
+    row, a feature without targets and a zero loss weight included; a changed target does change it."""
+    m = make(name, noise=0.3, loss_weights=(1.0, 0.5, 0.0))
+    h = torch.randn(4, 7, 32, requires_grad=True)
+    targets = [torch.randint(0, v, (4, 7)) for v in VOCAB]
+    targets[0][0], targets[1][3] = 0, 0  # row 0: no item target; row 3: no genre target
+    targets[2][:] = 0
+    fast = m.feature_loss(h, targets)
+    slow = sum(w * masked_cross_entropy(m.logits(h, f), targets[f]) for f, w in enumerate(m.cfg.loss_weights) if w)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(loss, [h, *m.parameters()], allow_unused=True) for loss in (fast, slow)]
+    for a, b, p in zip(*grads, [h, *m.parameters()]):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(p),
+                                   b if b is not None else torch.zeros_like(p), atol=1e-5, rtol=1e-5)
+    targets[0][1, 2] = targets[0][1, 2] % (VOCAB[0] - 1) + 1
+    assert not torch.allclose(m.feature_loss(h, targets), fast)
+    assert m.feature_loss(h, [torch.zeros(4, 7, dtype=torch.long)] * 3).item() == 0.0
+
+
+def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch):
+    """The chunked, fused cross-entropy: same loss and gradients as F.cross_entropy(x @ w.T), over chunk boundaries
+    (K = 10 rows, chunks of 4) and for no rows at all; a changed target changes it."""
+    monkeypatch.setattr(encoder.LinearCrossEntropy, 'CHUNK', 4)
+    x, w = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    y = torch.randint(0, 30, (10,))
+    fast, slow = encoder.linear_cross_entropy(x, w, y), F.cross_entropy(x @ w.T, y, reduction='sum')
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(torch.autograd.grad(2.0 * fast, [x, w]), torch.autograd.grad(2.0 * slow, [x, w])):
+        torch.testing.assert_close(a, b)
+    y[7] = (y[7] + 1) % 30
+    assert not torch.allclose(encoder.linear_cross_entropy(x, w, y), fast)
+    empty = encoder.linear_cross_entropy(x[:0], w, y[:0])
+    assert empty.item() == 0.0 and torch.autograd.grad(empty, w)[0].abs().sum() == 0

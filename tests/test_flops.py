@@ -190,3 +190,17 @@ def test_gpu_check_end_to_end_on_cpu(synthetic, tmp_path):
                                                                   ("llm-fp16", "ok", "n/a")]
     assert all(r["units_per_s"] > 0 and r["params_m"] > 0 for r in rows)
     assert rows[1]["tokens_per_s"] > 10 * rows[1]["units_per_s"]  # examples/s x mean prompt + answer tokens
+
+
+def test_encoder_table_counts_the_targets_the_loss_predicts(small):
+    """targets/s: the AR encoder predicts the next event after each real history event, so targets/s is events/s times
+    the batch's real fraction (counted here from the same batch); a DualEnc predicts one label per example."""
+    config = str(ROOT / "configs" / "synthetic_enc.py")
+    row, = flops.encoder_table(config, small, batch_size=16, steps=1, device=torch.device("cpu"))
+    ids = seeded_subset(small.targets("train"), 16, 0)
+    real = (small.batch(ids, 50)["hist"][0] != 0).sum()
+    assert 0 < real < 16 * 50  # some padding: the two rates differ
+    assert row["targets_per_s"] == pytest.approx(row["events_per_s"] * real / (16 * 50))
+    assert row["examples_per_s"] == pytest.approx(row["events_per_s"] / 50)
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(kind="dual"))
+    assert flops.supervised_targets(model, small.batch(ids, 50)) == 16

@@ -84,3 +84,34 @@ def test_ticks_are_round():
 def test_labels_are_escaped(tmp_path):
     evaluation.svg_chart(str(tmp_path / "x.svg"), {"TP<10> & co": ((1, 2), (0.1, 0.2))}, "a & b", "N < 5", "y")
     assert list(polylines(tmp_path / "x.svg")) == ["TP<10> & co"]  # parses, and the label reads back as written
+
+
+def encoder_run(path, kind, seed, rows):
+    """An out_dir as train_encoder.py leaves it: config.json and log.jsonl (rows written as given)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"kind": kind, "seed": seed, "seq_len": 50}))
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_time_to_quality_plots_validation_recall_against_cpu_seconds(tmp_path):
+    val = lambda step, cpu_s, r: {"step": step, "val_recall@10": r, "val_ndcg@10": r / 2, "cpu_s": cpu_s}
+    train = lambda step, cpu_s: {"step": step, "loss": 5.0, "lr": 1e-3, "units_per_s": 1.0, "cpu_s": cpu_s}
+    ar = encoder_run(tmp_path / "ar", "ar", 1337, [val(0, 0.0, 0.01), train(20, 50.0), val(100, 240.0, 0.08),
+                                                    train(120, 290.0), val(200, 480.0, 0.12)])
+    b4r = encoder_run(tmp_path / "b4r", "bert4rec", 2, [val(0, 0.0, 0.01), val(100, 240.0, 0.05)])
+    evaluation.main([f"--runs={ar},{b4r}", f"--time_to_quality={tmp_path / 't.svg'}"])
+    assert evaluation.plot_time_to_quality([ar, b4r], str(tmp_path / "t2.svg")) == {
+        "ar encoder": ((0.0, 240.0, 480.0), (0.01, 0.08, 0.12)),  # validation rows only, at their CPU-seconds
+        "bert4rec encoder seed 2": ((0.0, 240.0), (0.01, 0.05))}
+    lines = polylines(tmp_path / "t.svg")
+    a, b = lines["ar encoder"], lines["bert4rec encoder seed 2"]
+    assert len(a) == 3 and len(b) == 2 and a[0] == b[0] and a[1][0] == b[1][0]  # same start, same x at 240 s
+    assert a[0][0] < a[1][0] < a[2][0] and a[0][1] > a[1][1] > a[2][1]  # time to the right, recall going up
+    assert b[1][1] > a[1][1]  # Bert4Rec's 0.05 at 240 s is drawn below the AR encoder's 0.08
+    assert a[2][0] - a[1][0] == pytest.approx(a[1][0] - a[0][0])  # a linear time axis
+    assert evaluation.plot_time_to_quality([ar], str(tmp_path / "n.svg"), metric="ndcg@10")["ar encoder"][1] == (
+        0.005, 0.04, 0.06)
+    (tmp_path / "b4r" / "log.jsonl").write_text(json.dumps({"step": 0, "val_recall@10": 0.01}) + "\n")
+    with pytest.raises(SystemExit, match="no validation recall@10 with cpu_s"):
+        evaluation.plot_time_to_quality([ar, b4r], str(tmp_path / "x.svg"))
