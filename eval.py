@@ -3,21 +3,26 @@ Evaluation (paper Sec 4, Tables 2, 5-8): the test split, once, from a checkpoint
 
     python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10 (+ most popular)
     python eval.py --ckpt=out/synthetic-llm/best.pt     # a User-LLM / TextPrompt model: its task's metrics
-    (--max_examples=K: a seeded subset; --exact=True: also rank every title by log-likelihood; --beam=10 beams for
-    next-item beam search, --beam=0: none, next-item recall then comes from the exact ranking alone: exact_recall@k)
+    (--max_examples=K: a seeded subset. Next item: recall@k ranks every title by log-likelihood (exact), beam_recall@k
+    comes from beam search with --beam=10 beams; --beam=0: no beam search, --exact=False: no exact ranking)
     python eval.py --runs=out/a,out/b --fig3=fig3.svg --curves=loss.svg   # plots of runs evaluated before
+    python eval.py --runs=out/a,out/b --time_to_quality=t.svg   # validation recall against training CPU-seconds
+    python eval.py --summary=True --runs='out/syn-*'   # runs evaluated before, as mean ± sd over their seeds
 
 Encoders (Table 2): every example is scored against every item of the catalogue (padding excluded). Nothing is
 filtered: items already in the history stay in the ranking. Ties count against the target (its rank is 1 + the number
 of other items scoring >= it), so a constant scorer gets no credit. A DualEnc trained on the favourite genre/category
 is ranked over all genres/categories.
-LLMs (Sec 4.2): next item -> beam search constrained to the catalogue by a prefix trie over the tokenized titles
-(each ended by end-of-text), ranked by summed log-probability, no length normalisation; favourite genre/category ->
-every candidate ranked by log-likelihood; review generation -> greedy decoding scored by rouge-score (F1). Ranking
-every candidate (favourite; next item with --exact=True) runs each prompt once and scores the candidates' prefix trie
-after its KV cache, a chunk at a time: exact, in memory that does not grow with the catalogue (see answer_logprobs).
+LLMs (Sec 4.2): next item -> every title of the catalogue ranked by its summed log-probability (no length
+normalisation): the exact ranking, the headline (recall@k, ndcg@10); beside it, the paper-style generation: beam search
+constrained to the catalogue by a prefix trie over the tokenized titles (each ended by end-of-text), beam_recall@k,
+which misses titles the beams drop early and so under-reports. Favourite genre/category -> every candidate ranked by
+log-likelihood; review generation -> greedy decoding scored by rouge-score (F1). Ranking every candidate runs each
+prompt once and scores the candidates' prefix trie after its KV cache, a chunk at a time: exact, in memory that does
+not grow with the catalogue (see answer_logprobs).
 Prints a table and writes eval_<split>.json beside the checkpoint.
 """
+import glob
 import json
 import os
 import sys
@@ -37,8 +42,9 @@ from sources import oracle_recall
 from userllm import build_model
 
 DEFAULTS = dict(ckpt="", split="test", data_dir="", batch_size=64, max_examples=0, seed=1337, device="cpu",
-                beam=10, exact=False,  # LLMs: beams for next-item beam search; exact: also rank every title
-                runs="", fig3="", curves="", metric="recall@10")  # plots of evaluated runs (see plot_fig3)
+                beam=10, exact=True,  # LLMs, next item: beams for beam search (0: none); exact: rank every title
+                runs="", fig3="", curves="", time_to_quality="", metric="recall@10",  # plots of runs (plot_fig3)
+                summary=False)  # --runs='out/x-s*,...' (patterns): a table of mean ± sd over seeds (see summarize)
 
 
 class Trie:
@@ -142,8 +148,8 @@ def answer_logprobs(llm, idx, context, answers, chunks=None):
 
 @torch.no_grad()
 def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, beam=10, exact=False):
-    """Task metrics of a UserLLM (Sec 4.2): next item -> Recall@1/5/10 from catalogue-constrained beam search (and, with
-    exact=True, from ranking every title by log-likelihood: exact_recall@k, ...; beam=0: from that ranking only);
+    """Task metrics of a UserLLM (Sec 4.2): next item -> Recall@1/5/10 and NDCG@10 from ranking every title by
+    log-likelihood (exact=True) and beam_recall@1/5/10 from catalogue-constrained beam search (beam > 0);
     favourite genre/category -> Recall@1/5/10 by ranking every candidate by log-likelihood; review generation ->
     ROUGE-1/2/L/Lsum F1 of greedy decoding."""
     prompts, sums, n = prompter.prompts(targets), {}, 0
@@ -164,14 +170,12 @@ def evaluate_llm(model, prompter, d, targets, seq_len, device, batch_size=32, be
                 hyps = beam_search(model.llm, idx, beam, max(map(len, prompter.answers)), eos=prompter.eot,
                                    allowed=trie.allowed, **context)
                 ranked = [[trie.ids[tuple(h)] for h, _ in hs] for hs in hyps]
-                metrics.update({f"recall@{k}": np.mean([y in r[:k] for y, r in zip(label, ranked)])
+                metrics.update({f"beam_recall@{k}": np.mean([y in r[:k] for y, r in zip(label, ranked)])
                                 for k in (1, 5, 10)})
             if rank_all:
                 scores = answer_logprobs(model.llm, idx, context, prompter.answers[1:], chunks)  # (B, C) ids 1..C
-                exact_metrics = ranking_metrics(torch.cat([torch.full_like(scores[:, :1], -np.inf), scores], 1),
-                                                torch.tensor(label, device=device))
-                prefix = "exact_" if prompter.task == "next_item" else ""
-                metrics.update({prefix + k: v for k, v in exact_metrics.items()})
+                metrics.update(ranking_metrics(torch.cat([torch.full_like(scores[:, :1], -np.inf), scores], 1),
+                                               torch.tensor(label, device=device)))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(group)
         n += len(group)
@@ -243,7 +247,8 @@ def describe(c):
         name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
         name += f" +TP{c.text_events}" if c.text_events else ""
         name += "" if c.encoder_ckpt else " random enc"
-    name += f" from {os.path.basename(os.path.dirname(c.llm_ckpt)) or c.llm_ckpt}" if c.llm_ckpt else ""
+    name += " from a trained GPT" if c.llm_ckpt else ""
+    name += f" [{c.task}]" if c.task != "next_item" else ""
     return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
 
 
@@ -263,7 +268,10 @@ def evaluate_llm_checkpoint(cfg, ckpt):
         rows.update(reference_rows(d, cfg.split, targets, tcfg.seq_len, "item" if tcfg.task == "next_item" else "fav",
                                    cfg.batch_size, cfg.device))
     print(f"{tcfg.task}, {cfg.split} split, {len(targets)} examples" +
-          (f", beam search ({cfg.beam} beams) constrained to the catalogue" if tcfg.task == "next_item" else ""))
+          (f"; recall@k, ndcg@10: every title ranked by log-likelihood (exact)" if tcfg.task == "next_item" and
+           (cfg.exact or not cfg.beam) else "") +
+          (f"; beam_recall@k: beam search ({cfg.beam} beams) constrained to the catalogue"
+           if tcfg.task == "next_item" and cfg.beam else ""))
     return rows
 
 
@@ -337,6 +345,35 @@ def read_run(run, split="test"):
         return c, next(iter(json.load(f)["results"].values())), log  # the first row is the run's own model
 
 
+def summarize(runs, split="test"):
+    """Results over seeds: runs whose configs differ only in seed and out_dir make one row, each metric as mean ± sd
+    (sample sd) over them; then, per seed, Recall@10 and tanh of the gates at the end of training."""
+    groups = {}
+    for run in runs:
+        c, row, log = read_run(run, split)
+        if row is None:
+            raise SystemExit(f"{run}: no eval_{split}.json, run eval.py --ckpt={run}/best.pt first")
+        name = describe(types.SimpleNamespace(**{**vars(c), "seed": TRAIN_DEFAULTS["seed"]})) if hasattr(
+            c, "fusion") else f"{c.kind} encoder"
+        gates = next(({k: v for k, v in r.items() if k[:-1] in ("attn", "ff")} for r in reversed(log) if "loss" in r),
+                     {})
+        groups.setdefault(name, []).append((c.seed, row, gates))
+    metrics = list(dict.fromkeys(m for rs in groups.values() for _, r, _ in rs for m in r))
+    width = max(map(len, groups)) + 2
+    print(f"{split} split, mean ± sd over seeds".ljust(width) + "seeds" + "".join(f"{m:>18s}" for m in metrics))
+    for name, rs in groups.items():
+        cells = [np.array([r[m] for _, r, _ in rs if m in r]) for m in metrics]
+        print(f"{name:{width}s}{len(rs):5d}" + "".join(
+            f"{v.mean():11.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}" if len(v) else " " * 18 for v in cells))
+    key = "recall@10" if "recall@10" in metrics else metrics[0]
+    print(f"per seed: {key}, and tanh of each cross-attention gate at the end of training (block's attention, FFW)")
+    for name, rs in groups.items():
+        for seed, r, g in sorted(rs, key=lambda x: x[0]):
+            gates = " ".join(f"{k} {v:+.2f}" for k, v in g.items())
+            print(f"  {name} seed {seed}: {r.get(key, float('nan')):.4f}  {gates}")
+    return groups
+
+
 def plot_fig3(runs, path, metric="recall@10", split="test"):
     """Paper Fig. 3: a metric against the history length N, one line per method. A User-LLM run's N is its seq_len (the
     events the encoder sees); a TextPrompt run's is its text_events (the events written into the prompt)."""
@@ -371,14 +408,37 @@ def plot_curves(runs, path):
     return series
 
 
+def plot_time_to_quality(runs, path, metric="recall@10"):
+    """Validation metric against training CPU-seconds (validation not counted), one line per run, from the validation
+    rows of each out_dir's log.jsonl (they carry cpu_s): the quality a run reaches for the CPU time it spends."""
+    series = {}
+    for run in runs:
+        c, _, log = read_run(run)
+        pts = [(r["cpu_s"], r[f"val_{metric}"]) for r in log if f"val_{metric}" in r and "cpu_s" in r]
+        if not pts:
+            raise SystemExit(f"{run}: its log.jsonl has no validation {metric} with cpu_s")
+        name = describe(c) if hasattr(c, "fusion") else (
+            f"{c.kind} encoder" + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else ""))
+        series[name if name not in series else f"{name} [{run}]"] = tuple(zip(*pts))
+    svg_chart(path, series, f"validation {metric} against training time", "training CPU-seconds",
+              f"validation {metric}")
+    return series
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
-    if cfg.fig3 or cfg.curves:
+    if cfg.summary:
+        runs = sorted(r for pattern in cfg.runs.split(",") if pattern for r in glob.glob(pattern))
+        if not runs:
+            raise SystemExit(f"eval.py: --summary found no run matching --runs='{cfg.runs}'")
+        return summarize(runs, cfg.split)
+    if cfg.fig3 or cfg.curves or cfg.time_to_quality:
         runs = [r for r in cfg.runs.split(",") if r]
         if not runs:
-            raise SystemExit("eval.py: --fig3/--curves plot the runs named by --runs=out/a,out/b,...")
+            raise SystemExit("eval.py: --fig3/--curves/--time_to_quality plot the runs named by --runs=out/a,out/b,...")
         for path, plot in ((cfg.fig3, lambda p: plot_fig3(runs, p, cfg.metric, cfg.split)),
-                           (cfg.curves, lambda p: plot_curves(runs, p))):
+                           (cfg.curves, lambda p: plot_curves(runs, p)),
+                           (cfg.time_to_quality, lambda p: plot_time_to_quality(runs, p, cfg.metric))):
             if path:
                 plot(path)
                 print(f"wrote {path}")

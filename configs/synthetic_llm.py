@@ -1,10 +1,12 @@
-# The embedded default on a laptop CPU: User-LLM (gated cross-attention) on next-item prediction with a small
-# from-scratch GPT (byte-level tokens), contextualized by the encoder pretrained by configs/synthetic_enc.py.
+# Step 3 of the offline pipeline: contextualize the pretrained stand-in LLM (configs/synthetic_gpt.py) with the
+# pretrained encoder (configs/synthetic_enc.py) through gated cross-attention, on next-item prediction (paper Sec 3.2,
+# 4.2; strategy Full: LLM, encoder and the new layers all train).
 # python train_llm.py configs/synthetic_llm.py
-# TextPrompt TP10: --fusion=none --text_events=10 --max_text_tokens=512
-# Offline there is no pretrained LLM, so the GPT itself must learn: strategy Full. For Enc/Proj/LoRA, start from a
-# trained GPT instead: --llm_ckpt=out/synthetic-llm-none/best.pt (the run with --fusion=none) --strategy=enc
-# The tanh gates start at 0 (the untouched model is the plain GPT); gate_lr_mult lets them open within a short run.
+# Variants: --strategy=enc (LLM frozen) / lora / proj; --fusion=soft_prompt; --perceiver=True (50 -> 16 latents);
+# --encoder_ckpt= (a random encoder); TextPrompt TP10: --fusion=none --text_events=10; favourite genre: --task=fav.
+# Why these learning rates (README, "Why the gates open"): the pretrained LLM and encoder fine-tune at 3e-4, the new
+# layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that; the cross-attention sees
+# which event is the latest through model.Recency.
 out_dir = "out/synthetic-llm"
 dataset = "synthetic"
 seq_len = 50
@@ -13,15 +15,16 @@ fusion = "xattn"
 strategy = "full"
 encoder_ckpt = "out/synthetic-enc/best.pt"
 llm = "scratch"
+llm_ckpt = "out/synthetic-gpt/best.pt"
 n_layer = 2
 n_head = 4
 n_embd = 128
-max_text_tokens = 256
+max_text_tokens = 512
 batch_size = 64
-max_steps = 1000
+max_steps = 600
 warmup_steps = 50
-lr = 3e-3
-min_lr = 3e-4
-gate_lr_mult = 30.0
-eval_interval = 500
+lr = 3e-4
+min_lr = 3e-5
+fusion_lr_mult = 10.0
+eval_interval = 200
 eval_examples = 500

@@ -202,16 +202,25 @@ def test_ranking_metrics_against_brute_force():
 
 @pytest.mark.slow
 def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encoder, tmp_path):
-    """On the synthetic default, the demo's User-LLM (cross-attention to the pretrained encoder) predicts the next item
-    far better than the same GPT trained the same way on the same prompts without user embeddings."""
-    common = [os.path.join(ROOT, "configs/synthetic_llm.py"), f"--data_dir={synthetic}", "--max_steps=400",
-              "--eval_interval=400", "--eval_examples=200"]
-    train_llm.main(common + [f"--out_dir={tmp_path / 'user'}", f"--encoder_ckpt={pretrained_encoder / 'best.pt'}"])
-    train_llm.main(common + [f"--out_dir={tmp_path / 'none'}", "--fusion=none"])
-    args = [f"--data_dir={synthetic}", "--max_examples=300"]
+    """The quickstart's pipeline, shorter, one seed: a GPT pretrained without user context (the stand-in LLM, and the
+    no-context baseline) is contextualized with the pretrained encoder by configs/synthetic_llm.py's recipe. Exact
+    Recall@10 on 300 test users must be over 2x the GPT's, and a cross-attention gate must have opened (measured here,
+    300 + 300 steps: 0.127 against 0.050, the largest tanh(gate) 0.036; the full pipeline: see the README)."""
+    data = f"--data_dir={synthetic}"
+    short = ["--max_steps=300", "--eval_interval=300", "--eval_examples=200"]
+    train_llm.main([os.path.join(ROOT, "configs/synthetic_gpt.py"), data, f"--out_dir={tmp_path / 'gpt'}", *short])
+    train_llm.main([os.path.join(ROOT, "configs/synthetic_llm.py"), data, f"--out_dir={tmp_path / 'user'}",
+                    f"--encoder_ckpt={pretrained_encoder / 'best.pt'}", f"--llm_ckpt={tmp_path / 'gpt' / 'best.pt'}",
+                    *short])
+    args = [data, "--max_examples=300", "--beam=0"]
     user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))  # the model's row
-    none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'none' / 'best.pt'}", *args]).values()))
-    assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.1, (user, none)
+    none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'gpt' / 'best.pt'}", *args]).values()))
+    with open(tmp_path / "user" / "log.jsonl") as f:
+        gates = [json.loads(line) for line in f if '"loss"' in line][-1]
+    opened = max(abs(v) for k, v in gates.items() if k[:-1] in ("attn", "ff"))
+    print(f"User-LLM recall@10 {user['recall@10']:.4f}, no user context {none['recall@10']:.4f}, gate {opened:.3f}")
+    assert user["recall@10"] > 2 * none["recall@10"] and user["recall@10"] > 0.09, (user, none)
+    assert opened > 0.02, gates
 
 
 def test_dual_encoder_cross_attention(small):

@@ -1,0 +1,35 @@
+#!/bin/bash
+# The README's User-LLM results on the synthetic default, every row over seeds. For each seed given:
+#     bash experiments/synthetic.sh 1 2 3 4 5      (or two halves at once, one per core: ... 1 3 5 & ... 2 4)
+# 1. the quickstart's pipeline: pretrain the encoder and the stand-in LLM (its row: no user context), contextualize
+#    it (User-LLM); 2. for seeds 1-3, the variants and baselines, from that seed's pretrained pair.
+# Every run is evaluated on the same 500 test users (recall: every title ranked by log-likelihood; beam search beside
+# it). One CPU thread per run. A finished run (out_dir/done) is skipped, so an interrupted script resumes. The table:
+#     python eval.py --summary=True --runs='out/syn-s*/*'
+set -e
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -d data/synthetic ] || python data.py
+run() {  # run OUT_DIR SCRIPT CONFIG ARGS...: train unless done, then evaluate on the test users
+    local out=$1; shift
+    [ -f $out/done ] || { python "$@" --out_dir=$out && touch $out/done; }
+    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=500
+}
+llm() {  # llm SEED NAME ARGS...: contextualize this seed's pretrained LLM with its pretrained encoder
+    local seed=$1 o=out/syn-s$1 name=$2; shift 2
+    run $o/$name train_llm.py configs/synthetic_llm.py --seed=$seed --encoder_ckpt=$o/enc/best.pt \
+        --llm_ckpt=$o/gpt/best.pt "$@"
+}
+for seed in "$@"; do
+    run out/syn-s$seed/enc train_encoder.py configs/synthetic_enc.py --seed=$seed
+    run out/syn-s$seed/gpt train_llm.py configs/synthetic_gpt.py --seed=$seed
+    llm $seed userllm
+done
+variants=("enc-strategy --strategy=enc" "perceiver --perceiver=True" "softprompt --fusion=soft_prompt"
+          "random-encoder --encoder_ckpt=" "fav --task=fav" "fav-none --task=fav --fusion=none"
+          "tp10 --fusion=none --text_events=10" "fav-tp10 --task=fav --fusion=none --text_events=10")
+for v in "${variants[@]}"; do
+    for seed in "$@"; do
+        [ "$seed" -gt 3 ] || llm $seed $v
+    done
+done
+python eval.py --summary=True --runs='out/syn-s*/*'
