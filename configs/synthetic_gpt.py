@@ -1,8 +1,9 @@
-# Step 2 of the offline pipeline: pretrain the LLM that User-LLM then contextualizes (the paper starts from a pretrained
-# LLM; offline there is no GPT-2, so this small byte-level GPT stands in for it). It learns the next-item task's text
-# without any user context: the query, then the title of an item some user watched next, for every TRAINING target
-# (no validation or test target is in its text). So it knows the catalogue's titles and how often each is watched,
-# as a pretrained LLM knows movies, and nothing about the user in front of it: its Recall is the no-context baseline.
+# Step 2 of the offline pipeline (after data.py and configs/synthetic_enc.py): pretrain the LLM that User-LLM then
+# contextualizes. The paper starts from a pretrained LLM; offline there is no GPT-2, so this small byte-level GPT
+# stands in for it. It learns the next-item task's text without any user context: the query, then the title of an
+# item some user watched next, for every TRAINING target (no validation or test target is in its text). So it knows
+# the catalogue's titles and how often each is watched, as a pretrained LLM knows movies, and nothing about the user
+# in front of it: its Recall is the no-context baseline.
 # python train_llm.py configs/synthetic_gpt.py
 out_dir = "out/synthetic-gpt"
 dataset = "synthetic"
@@ -14,7 +15,7 @@ llm = "scratch"
 n_layer = 2
 n_head = 4
 n_embd = 128
-max_text_tokens = 256
+max_text_tokens = 512  # room for TextPrompt TP10 when it starts from this GPT
 batch_size = 64
 max_steps = 1000
 warmup_steps = 50
