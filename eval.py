@@ -348,16 +348,22 @@ def read_run(run, split="test"):
 def summarize(runs, split="test"):
     """Results over seeds: runs whose configs differ only in seed and out_dir make one row, each metric as mean ± sd
     (sample sd) over them; then, per seed, Recall@10 and tanh of the gates at the end of training."""
-    groups = {}
+    groups, pending = {}, []
     for run in runs:
         c, row, log = read_run(run, split)
         if row is None:
-            raise SystemExit(f"{run}: no eval_{split}.json, run eval.py --ckpt={run}/best.pt first")
+            pending.append(run)  # still training, or not evaluated yet
+            continue
         name = describe(types.SimpleNamespace(**{**vars(c), "seed": TRAIN_DEFAULTS["seed"]})) if hasattr(
             c, "fusion") else f"{c.kind} encoder"
         gates = next(({k: v for k, v in r.items() if k[:-1] in ("attn", "ff")} for r in reversed(log) if "loss" in r),
                      {})
         groups.setdefault(name, []).append((c.seed, row, gates))
+    if pending:
+        print(f"skipped {len(pending)} runs without eval_{split}.json (eval.py --ckpt=<run>/best.pt): "
+              + ", ".join(pending))
+    if not groups:
+        raise SystemExit("eval.py: --summary found no evaluated run")
     metrics = list(dict.fromkeys(m for rs in groups.values() for _, r, _ in rs for m in r))
     width = max(map(len, groups)) + 2
     print(f"{split} split, mean ± sd over seeds".ljust(width) + "seeds" + "".join(f"{m:>18s}" for m in metrics))

@@ -17,7 +17,7 @@ class PerceiverResampler(nn.Module):
     residual, n_layers times. Each input first gets a learned time embedding by recency (model.Recency), so the
     latents can tell recent events from old ones: attention alone sees a set. As in Flamingo, the latents start at
     std 1: at std 0.02 each latent's residual stream is swamped by the attention output they all share, and the M
-    outputs start nearly identical (mean cosine ~0.9). The output size M doesn't depend on N; padding changes nothing."""
+    outputs start nearly identical (mean cosine ~0.9). The output size M doesn't depend on N, nor on padding."""
 
     def __init__(self, d, n_latents=16, n_layers=2, n_head=4, dropout=0.0, max_events=512):
         super().__init__()

@@ -42,7 +42,8 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     # checkpoint (see load_llm), e.g. the GPT of a run without user context.
     llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer, in tokens (the GPT's positions add the soft prompt's)
-    xattn_every=1, xattn_dim=0, fusion_lr_mult=1.0, gate_lr_mult=1.0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
+    xattn_every=1, xattn_dim=0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
+    fusion_lr_mult=1.0, gate_lr_mult=1.0,  # learning rates of the new layers and of their gates (train_llm.py)
     max_answer_tokens=64,
     **TRAIN_DEFAULTS,
 )
@@ -136,11 +137,12 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
         raise SystemExit(f"config: text (max_text_tokens={cfg.max_text_tokens}) + soft prompt ({cfg.n_task_tokens} + "
                          f"{n_user}) exceed the LLM's {llm.config.block_size} positions")
     use_perceiver = cfg.perceiver and cfg.fusion != "none"
-    perceiver = (PerceiverResampler(d_user, cfg.n_latents, cfg.perceiver_layers, max_events=history_positions(cfg.seq_len))
+    n_events = history_positions(cfg.seq_len)
+    perceiver = (PerceiverResampler(d_user, cfg.n_latents, cfg.perceiver_layers, max_events=n_events)
                  if use_perceiver else None)
     soft_prompt = SoftPrompt(d_user, llm.config.n_embd, cfg.n_task_tokens) if cfg.fusion == "soft_prompt" else None
     use_recency = cfg.fusion == "xattn" and cfg.recency and not use_perceiver  # the Perceiver has its own
-    recency = Recency(history_positions(cfg.seq_len), d_user) if use_recency else None
+    recency = Recency(n_events, d_user) if use_recency else None
     model = UserLLM(encoder, llm, cfg.fusion, perceiver, soft_prompt, recency)
     apply_strategy(model, cfg.strategy)
     return model

@@ -37,6 +37,10 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
     assert "User-LLM N=50 (enc) seed 3: 0.4000  attn0 +0.30 ff0 -0.30" in out
     with pytest.raises(SystemExit, match="found no run matching"):
         evaluation.main(["--summary=True", f"--runs={tmp_path}/nothing*"])
-    with pytest.raises(SystemExit, match="no eval_test.json"):
-        (tmp_path / "none-s1" / "eval_test.json").unlink()
+    (tmp_path / "none-s1" / "eval_test.json").unlink()  # a run still training: counted and named, not averaged
+    groups = evaluation.main(["--summary=True", f"--runs={tmp_path}/none-s*"])
+    assert len(groups["no user context (enc)"]) == 1
+    assert "skipped 1 runs without eval_test.json" in capsys.readouterr().out
+    (tmp_path / "none-s2" / "eval_test.json").unlink()
+    with pytest.raises(SystemExit, match="no evaluated run"):
         evaluation.main(["--summary=True", f"--runs={tmp_path}/none-s*"])
