@@ -15,13 +15,15 @@ from model import MLP, CrossAttention, Recency
 class PerceiverResampler(nn.Module):
     """Learned latents (M, D) cross-attend to [inputs; latents] (padded inputs masked out), then an FFW; pre-LN and
     residual, n_layers times. Each input first gets a learned time embedding by recency (model.Recency), so the
-    latents can tell recent events from old ones: attention alone sees a set. As in Flamingo, the latents start at
-    std 1: at std 0.02 each latent's residual stream is swamped by the attention output they all share, and the M
-    outputs start nearly identical (mean cosine ~0.9). The output size M doesn't depend on N, nor on padding."""
+    latents can tell recent events from old ones: attention alone sees a set. The latents start small (std 0.02):
+    their LayerNorm makes them 16 different queries anyway, and the output then starts as what they read from the
+    user. At Flamingo's std 1 the output starts as the latents themselves (their norm ~11 against ~0.1 read from the
+    events), nearly the same for every user, so the gates after it get no signal and never open (measured: README).
+    The output size M doesn't depend on N, nor on padding."""
 
     def __init__(self, d, n_latents=16, n_layers=2, n_head=4, dropout=0.0, max_events=512):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(n_latents, d))
+        self.latents = nn.Parameter(torch.randn(n_latents, d) * 0.02)
         self.time = Recency(max_events, d)
         self.layers = nn.ModuleList([nn.ModuleDict(dict(
             ln_x=nn.LayerNorm(d), ln_lat=nn.LayerNorm(d), attn=CrossAttention(d, d, n_head, d, dropout),
