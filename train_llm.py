@@ -21,8 +21,8 @@ from userllm import DEFAULTS, build_model, load_llm
 
 
 def fusion_lr_mult(cfg):
-    """The new layers between encoder and LLM (cross-attention, Perceiver, soft prompt) train at fusion_lr_mult x lr,
-    the gates at gate_lr_mult x that (see configs/synthetic_llm.py for why)."""
+    """The new layers between encoder and LLM (cross-attention, recency embedding, Perceiver, soft prompt) train at
+    fusion_lr_mult x lr, the gates at gate_lr_mult x that (configs/synthetic_llm.py says why)."""
     new = cfg.fusion_lr_mult
     return {"gate_": new * cfg.gate_lr_mult, "llm.xattn.": new, "perceiver.": new, "soft_prompt.": new, "recency.": new}
 

@@ -4,9 +4,9 @@
 # python train_llm.py configs/synthetic_llm.py
 # Variants: --strategy=enc (LLM frozen) / lora / proj; --fusion=soft_prompt; --perceiver=True (50 -> 16 latents);
 # --encoder_ckpt= (a random encoder); TextPrompt TP10: --fusion=none --text_events=10; favourite genre: --task=fav.
-# Why these learning rates (README, "Why the gates open"): the pretrained LLM and encoder fine-tune at 3e-4, the new
-# layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that; the cross-attention sees
-# which event is the latest through model.Recency.
+# The recipe, measured (README, "Why the user reached the LLM only by chance"): the pretrained LLM and encoder
+# fine-tune at 3e-4, the new layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that,
+# and the cross-attention sees which event is the latest through model.Recency (recency=True, the default).
 out_dir = "out/synthetic-llm"
 dataset = "synthetic"
 seq_len = 50
