@@ -164,7 +164,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, kv, mask=None):
         # x (B, T, d_q); kv from project_kv; mask (B, M) bool True = real. A row without a single real key attends to
         # all of them instead (finite, never NaN); the caller discards that output (GatedCrossAttention does).
-        if mask is not None:
+        # Or mask (B, T, M) float: added to the attention logits as given (-inf = may not attend; the Perceiver's).
+        if mask is not None and mask.dtype == torch.bool:
             mask = (mask | ~mask.any(1, keepdim=True))[:, None, :]  # (B, 1, M)
         y = attention(self.q(x), *kv, self.n_head, mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y)  # (B, T, d_q)
@@ -203,8 +204,12 @@ class Recency(nn.Module):
 
     def forward(self, x, mask):
         # x (B, N, D) user embeddings; mask (B, N) bool, True = real event. Returns x + the recency embedding.
-        after = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, N): real events after each one
-        return x + self.emb[after.clamp(max=self.emb.size(0) - 1)]
+        return x + self.emb[recency_index(mask).clamp(max=self.emb.size(0) - 1)]
+
+
+def recency_index(mask):
+    """mask (B, N) bool, True = real event -> (B, N) int64: how many real events come after each one (0 = latest)."""
+    return mask.flip(1).cumsum(1).flip(1) - mask.long()
 
 
 class SoftPrompt(nn.Module):

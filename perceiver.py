@@ -9,23 +9,32 @@ Dimension letters: B batch, N user events, M latents, D width of the user embedd
 import torch
 import torch.nn as nn
 
-from model import MLP, CrossAttention, Recency
+from model import MLP, CrossAttention, Recency, recency_index
+
+
+READ_BIAS = 6.0  # at init, latent m gives ~0.9 of its attention to the event with recency m (e^6 against 65 other keys: 0.86)
 
 
 class PerceiverResampler(nn.Module):
     """Learned latents (M, D) cross-attend to [inputs; latents] (padded inputs masked out), then an FFW; pre-LN and
-    residual, n_layers times. Each input first gets a learned time embedding by recency (model.Recency), so the
-    latents can tell recent events from old ones: attention alone sees a set. The latents start small (std 0.02):
-    their LayerNorm makes them 16 different queries anyway, and the output then starts as what they read from the
-    user. At Flamingo's std 1 the output starts as the latents themselves (their norm ~11 against ~0.1 read from the
-    events), nearly the same for every user, so the gates after it get no signal and never open (measured; at std
-    0.02 they did not open within a 600-step run either: README, "The Perceiver").
+    residual, n_layers times. Each input first gets a learned time embedding by recency (model.Recency): attention
+    alone sees a set. A learned read bias (latent x recency, added to the attention logits) starts latent m on the
+    event with recency m, so the resampler starts by handing on the latest M events, distinct and user-dependent,
+    much as the cross-attention without it sees them, and learns from there what to keep of the older ones. Without
+    it, attention starts uniform and the M outputs start as near-copies of one average of the events. The latents
+    start small (std 0.02): their LayerNorm makes them M different queries anyway, and the output starts as what they
+    read. It must train at the pretrained layers' learning rate, not the new ones' 10x: it starts as a working
+    function, and before a gate opens its gradient is noise that moves it by about the learning rate a step
+    (measured: README, "The Perceiver").
     The output size M doesn't depend on N, nor on padding."""
 
     def __init__(self, d, n_latents=16, n_layers=2, n_head=4, dropout=0.0, max_events=512):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(n_latents, d) * 0.02)
         self.time = Recency(max_events, d)
+        self.read_bias = nn.Parameter(torch.zeros(n_latents, max_events))  # (M, recency): added to attention logits
+        with torch.no_grad():
+            self.read_bias[:, :n_latents].fill_diagonal_(READ_BIAS)
         self.layers = nn.ModuleList([nn.ModuleDict(dict(
             ln_x=nn.LayerNorm(d), ln_lat=nn.LayerNorm(d), attn=CrossAttention(d, d, n_head, d, dropout),
             ln_ff=nn.LayerNorm(d), mlp=MLP(d, dropout))) for _ in range(n_layers)])
@@ -39,10 +48,12 @@ class PerceiverResampler(nn.Module):
         if mask is None:
             mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
         x = self.time(x, mask)
-        kv_mask = torch.cat([mask, torch.ones(B, M, dtype=torch.bool, device=x.device)], dim=1)  # (B, N + M)
+        rec = recency_index(mask).clamp(max=self.read_bias.size(1) - 1)  # (B, N)
+        bias = self.read_bias[:, rec].transpose(0, 1).masked_fill(~mask[:, None, :], float("-inf"))  # (B, M, N)
+        bias = torch.cat([bias, bias.new_zeros(B, M, M)], dim=2)  # (B, M, N + M): the latents' own keys: no bias
         for layer in self.layers:
             q = layer.ln_lat(lat)
             context = torch.cat([layer.ln_x(x), q], dim=1)  # (B, N + M, D): latents also attend to themselves
-            lat = lat + layer.attn(q, layer.attn.project_kv(context), kv_mask)
+            lat = lat + layer.attn(q, layer.attn.project_kv(context), bias.to(q.dtype))
             lat = lat + layer.mlp(layer.ln_ff(lat))
         return self.ln_f(lat), torch.ones(B, M, dtype=torch.bool, device=x.device)

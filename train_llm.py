@@ -21,10 +21,12 @@ from userllm import DEFAULTS, build_model, load_llm
 
 
 def fusion_lr_mult(cfg):
-    """The new layers between encoder and LLM (cross-attention, recency embedding, Perceiver, soft prompt) train at
-    fusion_lr_mult x lr, the gates at gate_lr_mult x that (configs/synthetic_llm.py says why)."""
+    """The new layers between encoder and LLM (cross-attention, recency embedding, soft prompt) train at
+    fusion_lr_mult x lr, the gates at gate_lr_mult x that (configs/synthetic_llm.py says why). The Perceiver trains at
+    perceiver_lr_mult x lr: unlike those, it starts as a working resampler, which 10x scrambles before a gate opens."""
     new = cfg.fusion_lr_mult
-    return {"gate_": new * cfg.gate_lr_mult, "llm.xattn.": new, "perceiver.": new, "soft_prompt.": new, "recency.": new}
+    return {"gate_": new * cfg.gate_lr_mult, "llm.xattn.": new, "soft_prompt.": new, "recency.": new,
+            "perceiver.": cfg.perceiver_lr_mult}
 
 
 def main(argv):

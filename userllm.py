@@ -44,6 +44,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     max_text_tokens=512,  # the longest prompt + answer, in tokens (the GPT's positions add the soft prompt's)
     xattn_every=1, xattn_dim=0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
     fusion_lr_mult=1.0, gate_lr_mult=1.0,  # learning rates of the new layers and of their gates (train_llm.py)
+    perceiver_lr_mult=1.0,  # the Perceiver's, x lr: it starts as a working resampler (perceiver.py), keep it one
     max_answer_tokens=64,
     **TRAIN_DEFAULTS,
 )

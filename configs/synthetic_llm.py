@@ -5,7 +5,8 @@
 # Variants: --strategy=enc (LLM frozen) / lora / proj; --fusion=soft_prompt; --perceiver=True (50 -> 16 latents);
 # --encoder_ckpt= (a random encoder); TextPrompt TP10: --fusion=none --text_events=10; favourite genre: --task=fav.
 # The recipe, measured (README, "Why the user reached the LLM only by chance"): the pretrained LLM and encoder
-# fine-tune at 3e-4, the new layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that,
+# fine-tune at 3e-4, the new layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that
+# (a Perceiver, which starts as a working resampler, at perceiver_lr_mult = 1 x),
 # and the cross-attention sees which event is the latest through model.Recency (recency=True, the default).
 out_dir = "out/synthetic-llm"
 dataset = "synthetic"

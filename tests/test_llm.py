@@ -107,7 +107,7 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
 
 def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_path):
     """log.jsonl carries tanh of every gate (what the progress bar shows), equal to the trained model's; the fusion
-    layers train at fusion_lr_mult x lr and the gates at gate_lr_mult x that."""
+    layers train at fusion_lr_mult x lr and the gates at gate_lr_mult x that; a Perceiver at perceiver_lr_mult x lr."""
     args = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2",
             "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", f"--data_dir={small.path}", "--strategy=full",
             "--batch_size=8", "--max_steps=3", "--eval_interval=3", "--eval_examples=8", "--log_interval=1",
@@ -127,6 +127,11 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
     opt = common.adamw(build_model(cfg, small, get_tokenizer("scratch")), 1.0, 0.1, lr_mult=mult)
     lrs = {g["lr_mult"]: len(g["params"]) for g in opt.param_groups}
     assert set(lrs) == {1.0, 10.0, 30.0} and lrs[30.0] == 4  # 2 blocks x 2 gates
+    cfg = configure(DEFAULTS, args + ["--perceiver=True", "--perceiver_lr_mult=2"])
+    model = build_model(cfg, small, get_tokenizer("scratch"))
+    opt = common.adamw(model, 1.0, 0.1, lr_mult=train_llm.fusion_lr_mult(cfg))
+    in_group = {id(p): g["lr_mult"] for g in opt.param_groups for p in g["params"]}
+    assert {in_group[id(p)] for p in model.perceiver.parameters()} == {2.0}
 
 
 def test_prompts_hold_what_they_claim(small):
