@@ -1,0 +1,27 @@
+#!/bin/bash
+# The README's User-LLM rows on real MovieLens-100K, for each seed given:
+#     bash experiments/ml100k.sh 1337 1 2        (or one seed per core at once)
+# The synthetic pipeline's commands with MovieLens-100K siblings of its configs: pretrain the encoder
+# (configs/ml100k.py) and the stand-in LLM (configs/ml100k_gpt.py: its row is the GPT without user context),
+# contextualize it (configs/ml100k_llm.py: User-LLM, Full) and, frozen, with --strategy=enc. Every run is evaluated on
+# the same 500 test users (every one of the 1,682 titles ranked by log-likelihood; the encoder ranks item ids). One CPU
+# thread per run; a finished run (out_dir/done) is skipped. Needs the data first:
+#     ../shared/datasets/ml100k.sh data/raw/ml100k && python data.py --dataset=ml100k --raw_dir=data/raw/ml100k
+# The table: python eval.py --summary=True --runs='out/ml100k-s*/*'
+set -e
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -d data/ml100k ] || { echo "data/ml100k is missing: prepare MovieLens-100K first (see above)"; exit 1; }
+run() {  # run OUT_DIR SCRIPT CONFIG ARGS...: train unless done, then evaluate on the test users
+    local out=$1; shift
+    [ -f $out/done ] || { python "$@" --out_dir=$out && touch $out/done; }
+    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=500
+}
+for seed in "$@"; do
+    o=out/ml100k-s$seed
+    run $o/enc train_encoder.py configs/ml100k.py --seed=$seed
+    run $o/gpt train_llm.py configs/ml100k_gpt.py --seed=$seed
+    pair="--encoder_ckpt=$o/enc/best.pt --llm_ckpt=$o/gpt/best.pt"
+    run $o/userllm train_llm.py configs/ml100k_llm.py --seed=$seed $pair
+    run $o/enc-strategy train_llm.py configs/ml100k_llm.py --seed=$seed $pair --strategy=enc
+done
+python eval.py --summary=True --runs='out/ml100k-s*/*'
