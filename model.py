@@ -342,15 +342,12 @@ class GPT(nn.Module):
     def num_params(self, trainable=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
-    def forward(self, idx, targets=None, user=None, user_mask=None, prefix=None, prefix_mask=None, cache=None,
-                pos_offset=None):
+    def forward(self, idx, targets=None, user=None, user_mask=None, prefix=None, prefix_mask=None, cache=None):
         """idx (B, T) token ids; targets (B, T), -1 = ignored. user (B, M, D) + user_mask (B, M) feed cross-attention;
         prefix (B, P, C) + prefix_mask (B, P) are prepended to the token embeddings (soft prompt). Masks are bool,
         True = real. Position ids count real slots only: with no padding the prefix takes positions 0..P-1 and the
         tokens P..P+T-1, and a padded slot never shifts anyone's position nor is attended to: it changes no output.
         cache: a KVCache (generation): the call appends its positions to it and attends to everything cached.
-        pos_offset (B,) long: start each row at this position instead of 0 (training only: train_llm.py's
-        random_positions, so that pretraining on short texts trains every position embedding).
         Returns (logits (B, T, V) of the token positions only, loss or None)."""
         B, T = idx.shape
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -371,9 +368,6 @@ class GPT(nn.Module):
         else:
             seen = 0 if L == 0 else cache.n_real[:, None]
             pos = (seen + new_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, S): padding doesn't advance the position
-        if pos_offset is not None:
-            assert cache is None, "pos_offset is for training forwards, not generation"
-            pos = pos + pos_offset[:, None]
         key_mask = new_mask
         if cache is not None:
             key_mask = new_mask if L == 0 else torch.cat([cache.key_mask, new_mask], dim=1)  # (B, L + S)

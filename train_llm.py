@@ -14,8 +14,6 @@ import dataclasses
 import os
 import sys
 
-import numpy as np
-
 from common import (Selection, adamw, check_train_config, cleanup_distributed, configure, evaluate_loss,
                     seeded_subset, setup_distributed, to_device, train)
 from data import Prompter, UserData, batch_targets, get_tokenizer
@@ -34,9 +32,6 @@ def fusion_lr_mult(cfg):
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
     check_train_config(cfg)
-    if cfg.random_positions and cfg.fusion == "soft_prompt":
-        raise SystemExit("config: random_positions is for text alone (the stand-in LLM's pretraining), "
-                         "not with a soft prompt")
     ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     tok = get_tokenizer(cfg.llm)
@@ -56,17 +51,10 @@ def main(argv):
     def make_batch(ids):
         return to_device(prompter(d.batch(ids, cfg.seq_len), ids), ctx.device)
 
-    def train_batch(ids):  # random_positions: each text starts at a random position, the same for a batch's ids
-        batch = prompter(d.batch(ids, cfg.seq_len), ids)
-        if cfg.random_positions:
-            room = model.llm.config.block_size - batch["idx"].shape[1]
-            batch["pos_offset"] = np.random.default_rng(ids).integers(0, room + 1, size=len(ids))
-        return to_device(batch, ctx.device)
-
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), lr_mult=fusion_lr_mult(cfg))
     train(cfg, ctx, model, optimizer,
           global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
-          make_batch=train_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx),
+          make_batch=make_batch, evaluate=lambda m: evaluate_loss(m, make_batch, val_targets, ctx),
           select=Selection("loss", higher_is_better=False),
           extra={"encoder_config": dataclasses.asdict(model.encoder.cfg) if model.encoder else None,
                  "llm_config": dataclasses.asdict(model.llm.config), "data": d.fingerprint()},

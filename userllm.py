@@ -42,7 +42,6 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     # checkpoint (see load_llm), e.g. the GPT of a run without user context.
     llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer, in tokens (the GPT's positions add the soft prompt's)
-    random_positions=False,  # training text starts at a random position (stand-in pretraining: train_llm.py)
     xattn_every=1, xattn_dim=0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
     fusion_lr_mult=1.0, gate_lr_mult=1.0,  # learning rates of the new layers and of their gates (train_llm.py)
     perceiver_lr_mult=1.0,  # the Perceiver's, x lr: it starts as a working resampler (perceiver.py), keep it one
@@ -74,8 +73,7 @@ class UserLLM(nn.Module):
         return {"user": user, "user_mask": mask}
 
     def forward(self, batch):
-        return self.llm(batch["idx"], batch["targets"], pos_offset=batch.get("pos_offset"),
-                        **self.context(batch["hist"]))[1]
+        return self.llm(batch["idx"], batch["targets"], **self.context(batch["hist"]))[1]
 
     def gates(self):
         """tanh of every cross-attention gate, {'attn0': ., 'ff0': ., ...} by block: how much of the user reaches the

@@ -134,28 +134,6 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
     assert {in_group[id(p)] for p in model.perceiver.parameters()} == {2.0}
 
 
-def test_random_positions_train_every_position_embedding(small, tmp_path):
-    """random_positions (the stand-in LLM's pretraining): texts start at random positions, so position embeddings far
-    past the text's own length train too (a soft prompt or TextPrompt later moves the text there); not with a soft
-    prompt."""
-    args = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--seq_len=10", f"--data_dir={small.path}", "--fusion=none",
-            "--strategy=full", "--batch_size=8", "--max_steps=4", "--eval_interval=4", "--eval_examples=8",
-            "--warmup_steps=0", "--max_text_tokens=256", "--weight_decay=0", f"--out_dir={tmp_path}"]
-    cfg = configure(DEFAULTS, args)
-    torch.manual_seed(cfg.seed)  # as train_llm.py seeds before it builds: the run's initial weights
-    before = build_model(cfg, small, get_tokenizer("scratch")).llm.transformer.wpe.weight.detach().clone()
-
-    def moved(extra):  # (positions,) bool: which position embeddings the run changed
-        train_llm.main(args + extra)
-        after = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["llm.transformer.wpe.weight"]
-        return (after - before).abs().sum(1) > 0
-
-    assert not moved([])[100:].any()  # the control: texts here are ~30 tokens, so nothing past them trains
-    assert moved(["--random_positions=True"])[100:].sum() > 20
-    with pytest.raises(SystemExit, match="random_positions"):
-        train_llm.main(args + ["--random_positions=True", "--fusion=soft_prompt"])
-
-
 def test_prompts_hold_what_they_claim(small):
     tok = get_tokenizer("scratch")
     targets = small.targets("test")[:8]

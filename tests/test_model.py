@@ -51,23 +51,6 @@ def test_zero_gates_equal_base_llm_exactly():
     assert not torch.allclose(x(idx, user=user, user_mask=mask)[0], base(idx)[0], atol=1e-3)
 
 
-def test_position_offset_reads_later_position_embeddings():
-    """pos_offset k: row r's tokens sit at positions k_r.. (what random_positions pretraining trains): the same logits
-    as a GPT whose position table is shifted by k_r, and k = 0 changes nothing."""
-    torch.manual_seed(0)
-    gpt = GPT(tiny()).eval()
-    idx = torch.randint(0, 61, (2, 10))
-    plain = gpt(idx)[0]
-    torch.testing.assert_close(gpt(idx, pos_offset=torch.zeros(2, dtype=torch.long))[0], plain)
-    shifted = gpt(idx, pos_offset=torch.tensor([0, 7]))[0]
-    torch.testing.assert_close(shifted[0], plain[0])
-    other = GPT(tiny()).eval()
-    other.load_state_dict(gpt.state_dict())
-    other.transformer.wpe.weight.data[:-7] = gpt.transformer.wpe.weight.data[7:]
-    torch.testing.assert_close(shifted[1], other(idx[1:])[0][0])
-    assert not torch.allclose(shifted[1], plain[1])
-
-
 def test_gate_gradients_flow_at_zero():
     _, x = twins(d_user=D)
     idx = torch.randint(0, 61, (3, 10))
