@@ -9,13 +9,8 @@
 #     ../shared/datasets/ml100k.sh data/raw/ml100k && python data.py --dataset=ml100k --raw_dir=data/raw/ml100k
 # The table: python eval.py --summary=True --runs='out/ml100k-s*/*'
 set -e
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/run.sh"
 [ -d data/ml100k ] || { echo "data/ml100k is missing: prepare MovieLens-100K first (see above)"; exit 1; }
-run() {  # run OUT_DIR SCRIPT CONFIG ARGS...: train unless done, then evaluate on the test users
-    local out=$1; shift
-    [ -f $out/done ] || { python "$@" --out_dir=$out && touch $out/done; }
-    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=500
-}
 for seed in "$@"; do
     o=out/ml100k-s$seed
     run $o/enc train_encoder.py configs/ml100k.py --seed=$seed

@@ -7,13 +7,8 @@
 # it). One CPU thread per run. A finished run (out_dir/done) is skipped, so an interrupted script resumes. The table:
 #     python eval.py --summary=True --runs='out/syn-s*/*'
 set -e
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/run.sh"
 [ -d data/synthetic ] || python data.py
-run() {  # run OUT_DIR SCRIPT CONFIG ARGS...: train unless done, then evaluate on the test users
-    local out=$1; shift
-    [ -f $out/done ] || { python "$@" --out_dir=$out && touch $out/done; }
-    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=500
-}
 llm() {  # llm SEED NAME ARGS...: contextualize this seed's pretrained LLM with its pretrained encoder
     local seed=$1 o=out/syn-s$1 name=$2; shift 2
     run $o/$name train_llm.py configs/synthetic_llm.py --seed=$seed --encoder_ckpt=$o/enc/best.pt \
