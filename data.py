@@ -336,12 +336,16 @@ def unique_names(names):
 
 class Prompter:
     """Turns examples into token sequences [prompt][answer][eot] with targets on the answer (and eot) only. The prompt
-    is the task's short query, after the last text_events events written out (TextPrompt, UserData.history_text)."""
+    is the task's short query, after the last text_events events written out (TextPrompt, UserData.history_text).
+    pack > 0 (pretraining an LLM without user context): each row is the batch's `pack` previous examples, then its
+    own, one after another as GPT-2's pretraining documents are, with targets on every answer; so the LLM learns to
+    read a query wherever it stands and whatever precedes it (a soft prompt, a written history)."""
 
-    def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens):
+    def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens, pack=0):
         if task not in QUERY:
             raise SystemExit(f"config: task must be one of {', '.join(QUERY)}, got '{task}'")
         self.d, self.tok, self.task, self.k, self.max_text_tokens = d, tok, task, text_events, max_text_tokens
+        self.pack = pack
         self.max_answer, self.eot = max_answer_tokens, tok.eot_token
         self.names = unique_names(d.genre_names if task == "fav" else d.item_titles)  # id -> answer text
         # the catalogue's answers, tokenized once (not in the batch hot path): " name" + eot
@@ -368,16 +372,21 @@ class Prompter:
     def __call__(self, d_batch, targets):
         """Add idx (B, T) and targets (B, T) -- -1 except on the answer tokens, right-padded -- to a data batch."""
         P, A = self.prompts(targets), self.answer_tokens(targets, d_batch)
-        T = max(len(p) + len(a) for p, a in zip(P, A)) - 1
+        docs = [(p + a, [False] * len(p) + [True] * len(a)) for p, a in zip(P, A)]  # tokens, is-answer
+        rows = []
+        for r in range(len(docs)):  # row r: examples r - pack, ..., r - 1, r (wrapping around the batch)
+            row = [docs[(r - j) % len(docs)] for j in range(self.pack, -1, -1)]
+            rows.append((sum((s for s, _ in row), []), sum((m for _, m in row), [])))
+        T = max(len(s) for s, _ in rows) - 1
         if T > self.max_text_tokens:
             raise SystemExit(f"a prompt + answer of {T} tokens exceeds max_text_tokens={self.max_text_tokens}: raise "
-                             f"it or lower text_events / max_answer_tokens")
-        idx = np.full((len(P), T), self.eot, dtype=np.int64)
-        tgt = np.full((len(P), T), -1, dtype=np.int64)
-        for r, (p, a) in enumerate(zip(P, A)):
-            seq = p + a
+                             f"it or lower text_events / max_answer_tokens / pack_examples")
+        idx = np.full((len(rows), T), self.eot, dtype=np.int64)
+        tgt = np.full((len(rows), T), -1, dtype=np.int64)
+        for r, (seq, is_answer) in enumerate(rows):
+            seq, is_answer = np.asarray(seq), np.asarray(is_answer)
             idx[r, :len(seq) - 1] = seq[:-1]
-            tgt[r, len(p) - 1:len(seq) - 1] = a  # position t predicts token t + 1
+            tgt[r, :len(seq) - 1] = np.where(is_answer[1:], seq[1:], -1)  # position t predicts token t + 1
         d_batch["idx"], d_batch["targets"] = idx, tgt
         return d_batch
 

@@ -173,17 +173,18 @@ class CrossAttention(nn.Module):
 
 class GatedCrossAttention(nn.Module):
     """Flamingo's gated cross-attention dense block (Sec 3.2.1): text attends to the user embeddings, then an FFW, each
-    added through a tanh gate that starts at 0, so the untouched model is exactly the plain LLM. Keys/values are
-    projected from d_user inside the block. A user with no real event (all padding) gets no update at all."""
+    added through a tanh gate. Flamingo starts the gates at 0 (gate_init), so the untouched model is exactly the plain
+    LLM; but behind a zero gate the block gets no gradient, and the gate's sign is left to noise (userllm.DEFAULTS).
+    Keys/values are projected from d_user inside the block. A user with no real event gets no update at all."""
 
-    def __init__(self, n_embd, d_user, n_head, d_inner, dropout=0.0, bias=True):
+    def __init__(self, n_embd, d_user, n_head, d_inner, dropout=0.0, bias=True, gate_init=0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CrossAttention(n_embd, d_user, n_head, d_inner, dropout, bias)
-        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_attn = nn.Parameter(torch.full((1,), gate_init))
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
-        self.gate_ff = nn.Parameter(torch.zeros(1))
+        self.gate_ff = nn.Parameter(torch.full((1,), gate_init))
 
     def forward(self, x, kv, user_mask=None):
         # x (B, T, C); kv = self.attn.project_kv(user) for user (B, M, D); user_mask (B, M) bool, True = real event.
@@ -307,6 +308,7 @@ class GPTConfig:
     xattn_every: int = 1  # a gated cross-attention block before LLM blocks 0, k, 2k, ... (k = xattn_every; d_user > 0)
     xattn_dim: int = 0  # the cross-attention's inner width (0: n_embd); q from n_embd, k/v from d_user, out to n_embd
     xattn_heads: int = 0  # 0: n_head
+    gate_init: float = 0.0  # the cross-attention gates' start (before tanh); Flamingo's 0 = exactly the plain LLM
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 16.0
     lora_mlp: bool = False  # also put LoRA on the MLP projections
@@ -331,7 +333,7 @@ class GPT(nn.Module):
         if c.d_user > 0:
             for i in range(0, c.n_layer, c.xattn_every):
                 self.xattn[str(i)] = GatedCrossAttention(c.n_embd, c.d_user, c.xattn_heads or c.n_head,
-                                                         c.xattn_dim or c.n_embd, c.dropout, c.bias)
+                                                         c.xattn_dim or c.n_embd, c.dropout, c.bias, c.gate_init)
         self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections

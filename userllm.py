@@ -44,8 +44,13 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     max_text_tokens=512,  # the longest prompt + answer, in tokens (the GPT's positions add the soft prompt's)
     xattn_every=1, xattn_dim=0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
     fusion_lr_mult=1.0, gate_lr_mult=1.0,  # learning rates of the new layers and of their gates (train_llm.py)
+    # the gates' start (before tanh). Not Flamingo's 0: behind a zero gate the cross-attention gets no gradient, the
+    # gate's sign is noise, and each flip reverses what the cross-attention was pushed to learn, so on some seeds it
+    # never opens (README). At 0.01 the sign is set from the first step, and the LLM starts unchanged to 1e-4.
+    gate_init=0.01,
     perceiver_lr_mult=1.0,  # the Perceiver's, x lr: it starts as a working resampler (perceiver.py), keep it one
     max_answer_tokens=64,
+    pack_examples=0,  # fusion='none' only: the batch's pack_examples previous examples before each (data.Prompter)
     **TRAIN_DEFAULTS,
 )
 
@@ -120,11 +125,13 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
     llm_cfg), so nothing is loaded that the checkpoint's weights would overwrite."""
     if cfg.fusion not in ("xattn", "soft_prompt", "none"):
         raise SystemExit(f"config: fusion must be xattn, soft_prompt or none, got '{cfg.fusion}'")
+    if cfg.pack_examples and cfg.fusion != "none":  # a row's other examples belong to other users
+        raise SystemExit(f"config: pack_examples={cfg.pack_examples} needs fusion='none', got '{cfg.fusion}'")
     encoder = build_encoder(cfg, d, enc_cfg) if cfg.fusion != "none" else None  # TextPrompt has no user encoder
     d_user = encoder.cfg.n_embd if encoder is not None else 0
     fusion = dict(d_user=d_user if cfg.fusion == "xattn" else 0, xattn_every=cfg.xattn_every, xattn_dim=cfg.xattn_dim,
                   lora_rank=cfg.lora_rank if cfg.strategy == "lora" else 0, lora_alpha=cfg.lora_alpha,
-                  lora_mlp=cfg.lora_mlp, dropout=cfg.dropout)
+                  lora_mlp=cfg.lora_mlp, dropout=cfg.dropout, gate_init=cfg.gate_init)
     if llm_cfg is not None:
         llm = GPT(GPTConfig(**llm_cfg))
     elif cfg.llm == "scratch":  # positions for the soft prompt's task tokens and events, then the text
@@ -212,8 +219,8 @@ def load_gpt2(name_or_path, **overrides):
 
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_heads", "lora_rank", "lora_alpha",
-                      "lora_mlp")
+NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_heads", "gate_init", "lora_rank",
+                      "lora_alpha", "lora_mlp")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

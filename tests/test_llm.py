@@ -151,6 +151,26 @@ def test_prompts_hold_what_they_claim(small):
     assert len({len(x) for x in fixed}) == 1  # User-LLM's query is the same short text for everyone
 
 
+def test_packed_pretraining_rows(small):
+    """pack_examples: each row is the batch's previous examples, then its own, with targets on every answer."""
+    tok = get_tokenizer("scratch")
+    targets = small.targets("train")[:5]
+    plain = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
+    packed = Prompter(small, tok, "next_item", 0, 512, 64, pack=2)(small.batch(targets, 10), targets)
+    texts = [tok.decode([x for x in row.tolist()]).split("<|endoftext|>")[0] + "<|endoftext|>"
+             for row in plain["idx"]]  # each example alone: query, title, eot
+    answers = [[x for x in row.tolist() if x >= 0] for row in plain["targets"]]
+    for r in range(5):
+        mine = [(r - 2) % 5, (r - 1) % 5, r]  # two earlier examples of the batch, wrapping around, then its own
+        row = packed["idx"][r].tolist()
+        assert tok.decode(row).startswith("".join(texts[j] for j in mine)[:-len("<|endoftext|>")])
+        assert [x for x in packed["targets"][r].tolist() if x >= 0] == sum((answers[j] for j in mine), [])
+    query = tok.encode_ordinary(data.QUERY["next_item"])
+    assert packed["idx"][0, :len(query)].tolist() == query  # the first example still starts at position 0
+    with pytest.raises(SystemExit, match="pack_examples=1 needs fusion='none'"):
+        build_model(tiny(pack_examples=1, fusion="xattn"), small, tok)
+
+
 def test_fav_and_review_answers(small):
     tok = get_tokenizer("scratch")
     targets = small.targets("val")[:4]

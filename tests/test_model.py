@@ -62,6 +62,19 @@ def test_gate_gradients_flow_at_zero():
     assert blk.attn.q.weight.grad.abs().max().item() == 0  # behind a zero gate: no gradient yet
 
 
+def test_gates_started_off_zero_teach_the_cross_attention_from_the_first_step():
+    """gate_init > 0 (the training recipe, userllm.DEFAULTS): the cross-attention gets a gradient at once, and the
+    LLM's output is still the plain LLM's up to the gate's tiny contribution."""
+    base, x = twins(d_user=D, gate_init=0.01)
+    idx = torch.randint(0, 61, (3, 10))
+    user, mask = user_batch()
+    assert torch.allclose(x(idx, user=user, user_mask=mask)[0], base(idx)[0], atol=2e-3)  # gates at 0.5: 0.04
+    assert not torch.equal(x(idx, user=user, user_mask=mask)[0], base(idx)[0])
+    _, loss = x(idx, idx, user=user, user_mask=mask)
+    loss.backward()
+    assert x.xattn["0"].attn.q.weight.grad.abs().max().item() > 0  # compare test_gate_gradients_flow_at_zero
+
+
 def test_lora_identity_at_init_perturb_and_merge():
     base, x = twins(lora_rank=4, lora_alpha=8.0, lora_mlp=True)
     assert sum(isinstance(m, LoRALinear) for m in x.modules()) == 4 * 3
