@@ -7,7 +7,8 @@
 # The recipe, measured (README, "Why the user reached the LLM only by chance"): the pretrained LLM and encoder
 # fine-tune at 3e-4, the new layers (cross-attention and its tanh gates, recency embedding) at fusion_lr_mult x that
 # (a Perceiver, which starts as a working resampler, at perceiver_lr_mult = 1 x),
-# and the cross-attention sees which event is the latest through model.Recency (recency=True, the default).
+# the cross-attention sees which event is the latest through model.Recency (recency=True, the default), and its
+# gates start at gate_init = 0.01 (the default), not 0: their sign is set from step 1, not by noise (README, point 4).
 out_dir = "out/synthetic-llm"
 dataset = "synthetic"
 seq_len = 50

@@ -229,9 +229,9 @@ def test_ranking_metrics_against_brute_force():
 def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encoder, tmp_path):
     """The quickstart's pipeline, shorter, one seed: a GPT pretrained without user context (the stand-in LLM, and the
     no-context baseline) is contextualized with the pretrained encoder by configs/synthetic_llm.py's recipe. Exact
-    Recall@10 on 300 test users must be over 1.2x the GPT's, and a cross-attention gate must have opened. At this
-    small scale the margin is thin and moves with the thread count (300 + 300 steps: 0.127 against 0.050 and tanh 0.036
-    on one thread, 0.083 against 0.063 and 0.021 on two); the full pipeline's 2x holds on 5 of 5 seeds (README)."""
+    Recall@10 on 300 test users must be at least 2x the GPT's (the bar the full pipeline meets on every seed, README),
+    and a cross-attention gate must have opened to 3x its start (tanh 0.01). Measured, 300 + 300 steps on two busy
+    threads: 0.233 against 0.063, gate 0.050 (with the gates started at 0 it was 0.083 against 0.063, gate 0.021)."""
     data = f"--data_dir={synthetic}"
     short = ["--max_steps=300", "--eval_interval=300", "--eval_examples=200"]
     train_llm.main([os.path.join(ROOT, "configs/synthetic_gpt.py"), data, f"--out_dir={tmp_path / 'gpt'}", *short])
@@ -245,8 +245,8 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
         gates = [json.loads(line) for line in f if '"loss"' in line][-1]
     opened = max(abs(v) for k, v in gates.items() if k[:-1] in ("attn", "ff"))
     print(f"User-LLM recall@10 {user['recall@10']:.4f}, no user context {none['recall@10']:.4f}, gate {opened:.3f}")
-    assert user["recall@10"] > 1.2 * none["recall@10"], (user, none)
-    assert opened > 0.01, gates
+    assert user["recall@10"] >= 2 * none["recall@10"], (user, none)
+    assert opened > 0.03, gates
 
 
 def test_dual_encoder_cross_attention(small):
