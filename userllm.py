@@ -46,7 +46,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     fusion_lr_mult=1.0, gate_lr_mult=1.0,  # learning rates of the new layers and of their gates (train_llm.py)
     # the gates' start (before tanh). Not Flamingo's 0: behind a zero gate the cross-attention gets no gradient, the
     # gate's sign is noise, and each flip reverses what the cross-attention was pushed to learn, so on some seeds it
-    # never opens (README). At 0.01 the sign is set from the first step, and the LLM starts unchanged to 1e-4.
+    # never opens (README). At 0.01 the sign is set from the first step; the LLM's loss at the start moves < 1e-4.
     gate_init=0.01,
     perceiver_lr_mult=1.0,  # the Perceiver's, x lr: it starts as a working resampler (perceiver.py), keep it one
     max_answer_tokens=64,
