@@ -372,11 +372,11 @@ class Prompter:
     def __call__(self, d_batch, targets):
         """Add idx (B, T) and targets (B, T) -- -1 except on the answer tokens, right-padded -- to a data batch."""
         P, A = self.prompts(targets), self.answer_tokens(targets, d_batch)
-        docs = [(p + a, [False] * len(p) + [True] * len(a)) for p, a in zip(P, A)]  # tokens, is-answer
+        docs = [(np.array(p + a), np.arange(len(p) + len(a)) >= len(p)) for p, a in zip(P, A)]  # tokens, is-answer
         rows = []
         for r in range(len(docs)):  # row r: examples r - pack, ..., r - 1, r (wrapping around the batch)
             row = [docs[(r - j) % len(docs)] for j in range(self.pack, -1, -1)]
-            rows.append((sum((s for s, _ in row), []), sum((m for _, m in row), [])))
+            rows.append((np.concatenate([s for s, _ in row]), np.concatenate([m for _, m in row])))
         T = max(len(s) for s, _ in rows) - 1
         if T > self.max_text_tokens:
             raise SystemExit(f"a prompt + answer of {T} tokens exceeds max_text_tokens={self.max_text_tokens}: raise "
@@ -384,7 +384,6 @@ class Prompter:
         idx = np.full((len(rows), T), self.eot, dtype=np.int64)
         tgt = np.full((len(rows), T), -1, dtype=np.int64)
         for r, (seq, is_answer) in enumerate(rows):
-            seq, is_answer = np.asarray(seq), np.asarray(is_answer)
             idx[r, :len(seq) - 1] = seq[:-1]
             tgt[r, :len(seq) - 1] = np.where(is_answer[1:], seq[1:], -1)  # position t predicts token t + 1
         d_batch["idx"], d_batch["targets"] = idx, tgt
