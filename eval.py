@@ -8,6 +8,7 @@ Evaluation (paper Sec 4, Tables 2, 5-8): the test split, once, from a checkpoint
     python eval.py --runs=out/a,out/b --fig3=fig3.svg --curves=loss.svg   # plots of runs evaluated before
     python eval.py --runs=out/a,out/b --time_to_quality=t.svg   # validation recall against training CPU-seconds
     python eval.py --summary=True --runs='out/syn-*'   # runs evaluated before, as mean ± sd over their seeds
+    python eval.py --ckpt=out/synthetic-gpt/best.pt --catalogue=True   # does an LLM without context know the titles?
 
 Encoders (Table 2): every example is scored against every item of the catalogue (padding excluded). Nothing is
 filtered: items already in the history stay in the ranking. Ties count against the target (its rank is 1 + the number
@@ -39,12 +40,13 @@ from data import Prompter, UserData, get_tokenizer, popularity
 from encoder import EncoderConfig, make_encoder
 from model import KVCache, beam_search, generate, tree_logits
 from sources import oracle_recall
-from userllm import build_model
+from userllm import DEFAULTS as LLM_DEFAULTS, build_model
 
 DEFAULTS = dict(ckpt="", split="test", data_dir="", batch_size=64, max_examples=0, seed=1337, device="cpu",
                 beam=10, exact=True,  # LLMs, next item: beams for beam search (0: none); exact: rank every title
                 runs="", fig3="", curves="", time_to_quality="", metric="recall@10",  # plots of runs (plot_fig3)
-                summary=False)  # --runs='out/x-s*,...' (patterns): a table of mean ± sd over seeds (see summarize)
+                summary=False,  # --runs='out/x-s*,...' (patterns): a table of mean ± sd over seeds (see summarize)
+                catalogue=False)  # an LLM without user context, next item: how well it knows the catalogue
 
 
 class Trie:
@@ -252,8 +254,14 @@ def describe(c):
     return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
 
 
+def llm_config(ckpt):
+    """A train_llm.py checkpoint's config; a key added to userllm.DEFAULTS after it was written takes its default
+    (e.g. pack_examples: 0, what runs did before it existed), so older checkpoints still evaluate."""
+    return types.SimpleNamespace(**{**LLM_DEFAULTS, **ckpt["config"]})
+
+
 def evaluate_llm_checkpoint(cfg, ckpt):
-    tcfg = types.SimpleNamespace(**ckpt["config"])
+    tcfg = llm_config(ckpt)
     d = checkpoint_data(ckpt, cfg)
     tok = get_tokenizer(tcfg.llm)
     model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
@@ -273,6 +281,40 @@ def evaluate_llm_checkpoint(cfg, ckpt):
           (f"; beam_recall@k: beam search ({cfg.beam} beams) constrained to the catalogue"
            if tcfg.task == "next_item" and cfg.beam else ""))
     return rows
+
+
+def average_ranks(x):
+    """Ranks 0..n-1 of x, ties sharing their average rank (as Spearman's correlation needs)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    start = np.cumsum(counts) - counts  # the first rank of each distinct value
+    return (start + (counts - 1) / 2)[inverse]
+
+
+@torch.no_grad()
+def catalogue_fit(cfg, ckpt):
+    """How well an LLM without user context (next item, no history text) knows the catalogue. Its prompt is the same
+    for every user, so its ranking is one list: Recall@k is the share of targets in its top k, and a pretrained LLM
+    should rank as most-popular does. Returns the probability its titles hold after the query (the rest goes to strings
+    that are no title: it cannot spell them all yet), the Spearman correlation of their log-probabilities with the
+    training counts, and how many of its top 10 are among the 10 most watched."""
+    tcfg = llm_config(ckpt)
+    if tcfg.task != "next_item" or tcfg.fusion != "none" or tcfg.text_events:
+        raise SystemExit(f"eval.py: --catalogue=True needs an LLM trained without user context on the next item "
+                         f"(task next_item, fusion none, text_events 0); {cfg.ckpt} has task {tcfg.task}, fusion "
+                         f"{tcfg.fusion}, text_events {tcfg.text_events}")
+    d = checkpoint_data(ckpt, cfg)
+    tok = get_tokenizer(tcfg.llm)
+    model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
+    load_weights(model, ckpt["model"], cfg.ckpt)
+    model.eval()
+    prompter = Prompter(d, tok, tcfg.task, 0, tcfg.max_text_tokens, tcfg.max_answer_tokens)
+    idx = torch.tensor(prompter.prompts(d.targets("train")[:1]), device=cfg.device)  # (1, P): every user's prompt
+    logp = answer_logprobs(model.llm, idx, {}, prompter.answers[1:])[0].cpu().numpy()  # (C,) items 1..C
+    counts = popularity(d)[1:]
+    top = lambda x: set(np.argsort(-x, kind="stable")[:10].tolist())
+    return {"catalogue mass": float(np.exp(logp.astype(np.float64)).sum()),
+            "spearman vs counts": float(np.corrcoef(average_ranks(logp), average_ranks(counts))[0, 1]),
+            "top-10 overlap": len(top(logp) & top(counts))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -452,6 +494,12 @@ def main(argv):
     if not cfg.ckpt:
         raise SystemExit("eval.py: give a checkpoint, e.g. --ckpt=out/synthetic-enc/best.pt")
     ckpt = load_checkpoint(cfg.ckpt)
+    if cfg.catalogue:
+        fit = catalogue_fit(cfg, ckpt)
+        print(f"{cfg.ckpt}: its titles hold {fit['catalogue mass']:.3f} of the probability after the query; Spearman "
+              f"{fit['spearman vs counts']:.3f} against the training counts; {fit['top-10 overlap']} of its top 10 "
+              f"are among the 10 most watched")
+        return fit
     rows = (evaluate_llm_checkpoint if "llm_config" in ckpt else evaluate_encoder_checkpoint)(cfg, ckpt)
     print_table(rows)
     out = os.path.join(os.path.dirname(cfg.ckpt), f"eval_{cfg.split}.json")

@@ -1,6 +1,7 @@
 """train_llm.py: prompts, strategies (Sec 3.2.3), the composition, the LLM metrics of eval.py, and learning on the
 synthetic default (User-LLM beats the same LLM without user context)."""
 import json
+import math
 import os
 
 import numpy as np
@@ -210,6 +211,42 @@ def test_trie_and_exact_logprobs(small):
             logp = torch.log_softmax(m.llm(seq)[0][0], -1)
             want = sum(logp[5 - 1 + i, t] for i, t in enumerate(a))
             assert got[b, c].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_average_ranks_share_ties():
+    assert evaluation.average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]
+
+
+def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
+    """eval.py --catalogue=True: the probability the titles hold after the query equals a brute-force sum over the
+    catalogue; a GPT whose title log-probabilities follow the training counts scores Spearman 1 and 10 of 10; a model
+    with user context is refused in one line; a checkpoint older than a config key still loads."""
+    import dataclasses
+    torch.manual_seed(0)
+    tok, cfg = get_tokenizer("scratch"), tiny(fusion="none", strategy="full")
+    m = build_model(cfg, small, tok).eval()
+    old = {k: v for k, v in vars(cfg).items() if k != "pack_examples"}  # written before that option existed
+    ckpt = {"model": m.state_dict(), "data": small.fingerprint(), "config": old, "encoder_config": None,
+            "llm_config": dataclasses.asdict(m.llm.config)}
+    torch.save(ckpt, tmp_path / "gpt.pt")
+    args = lambda: configure(evaluation.DEFAULTS, [f"--ckpt={tmp_path / 'gpt.pt'}", "--catalogue=True"])
+    fit = evaluation.main([f"--ckpt={tmp_path / 'gpt.pt'}", "--catalogue=True"])
+    p = Prompter(small, tok, "next_item", 0, 512, 64)
+    prompt = p.prompts(small.targets("train")[:1])[0]
+    mass = 0.0
+    with torch.no_grad():
+        for a in p.answers[1:]:
+            logp = torch.log_softmax(m.llm(torch.tensor([prompt + a]))[0][0], -1)
+            mass += math.exp(sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(a)))
+    assert fit["catalogue mass"] == pytest.approx(mass, rel=1e-4) and 0 < mass < 1
+    counts = torch.tensor(data.popularity(small)[1:])
+    monkeypatch.setattr(evaluation, "answer_logprobs", lambda *a, **k: torch.log(counts + 1)[None])
+    fit = evaluation.catalogue_fit(args(), torch.load(tmp_path / "gpt.pt", weights_only=True))
+    assert fit["spearman vs counts"] == pytest.approx(1.0) and fit["top-10 overlap"] == 10
+    user = build_model(tiny(), small, tok)
+    torch.save({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, tmp_path / "user.pt")
+    with pytest.raises(SystemExit, match="needs an LLM trained without user context.*fusion xattn"):
+        evaluation.main([f"--ckpt={tmp_path / 'user.pt'}", "--catalogue=True"])
 
 
 def test_ranking_metrics_against_brute_force():
