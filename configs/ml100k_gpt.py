@@ -2,8 +2,9 @@
 # the next-item task's text without user context (training targets only), as configs/synthetic_gpt.py does for the
 # synthetic default. Two settings differ, both measured on this dataset (README "User-LLM on MovieLens-100K"):
 # - 4,000 steps, not 1,000: its 1,682 real titles are three times the synthetic 500 and use 2,700 distinct words
-#   (the synthetic ones recombine 600), and after 1,000 steps the GPT cannot spell them yet (the catalogue's titles hold about half of its probability after the query;
-#   92% after 4,000). A pretrained LLM knows the catalogue; this one has to learn it first.
+#   (the synthetic ones recombine 600), and after 1,000 steps the GPT cannot spell them yet (the catalogue's titles
+#   hold about half of its probability after the query; 92% after 4,000). A pretrained LLM knows the catalogue; this
+#   one has to learn it first.
 # - min_lr 3e-5, not 3e-4: without user context the GPT's ranking is one fixed list, set by how well it estimates how
 #   often each title is watched. At the end of a schedule that stops at 3e-4 that estimate follows the last few hundred
 #   batches (rank correlation with the training counts 0.944, 4 of the 10 most watched in its top 10); decayed to 3e-5
