@@ -260,13 +260,18 @@ def llm_config(ckpt):
     return types.SimpleNamespace(**{**LLM_DEFAULTS, **ckpt["config"]})
 
 
-def evaluate_llm_checkpoint(cfg, ckpt):
+def load_llm_checkpoint(cfg, ckpt):
+    """(its config, its data, its tokenizer, the UserLLM in eval mode) of a train_llm.py checkpoint."""
     tcfg = llm_config(ckpt)
     d = checkpoint_data(ckpt, cfg)
     tok = get_tokenizer(tcfg.llm)
     model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
     load_weights(model, ckpt["model"], cfg.ckpt)
-    model.eval()
+    return tcfg, d, tok, model.eval()
+
+
+def evaluate_llm_checkpoint(cfg, ckpt):
+    tcfg, d, tok, model = load_llm_checkpoint(cfg, ckpt)
     prompter = Prompter(d, tok, tcfg.task, tcfg.text_events, tcfg.max_text_tokens, tcfg.max_answer_tokens)
     targets = seeded_subset(d.targets(cfg.split), cfg.max_examples, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -297,16 +302,13 @@ def catalogue_fit(cfg, ckpt):
     should rank as most-popular does. Returns the probability its titles hold after the query (the rest goes to strings
     that are no title: it cannot spell them all yet), the Spearman correlation of their log-probabilities with the
     training counts, and how many of its top 10 are among the 10 most watched."""
-    tcfg = llm_config(ckpt)
-    if tcfg.task != "next_item" or tcfg.fusion != "none" or tcfg.text_events:
+    tcfg = llm_config(ckpt) if "llm_config" in ckpt else None
+    if tcfg is None or tcfg.task != "next_item" or tcfg.fusion != "none" or tcfg.text_events:
+        what = ("an encoder" if tcfg is None else
+                f"task {tcfg.task}, fusion {tcfg.fusion}, text_events {tcfg.text_events}")
         raise SystemExit(f"eval.py: --catalogue=True needs an LLM trained without user context on the next item "
-                         f"(task next_item, fusion none, text_events 0); {cfg.ckpt} has task {tcfg.task}, fusion "
-                         f"{tcfg.fusion}, text_events {tcfg.text_events}")
-    d = checkpoint_data(ckpt, cfg)
-    tok = get_tokenizer(tcfg.llm)
-    model = build_model(tcfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(cfg.device)
-    load_weights(model, ckpt["model"], cfg.ckpt)
-    model.eval()
+                         f"(task next_item, fusion none, text_events 0); {cfg.ckpt} is {what}")
+    tcfg, d, tok, model = load_llm_checkpoint(cfg, ckpt)
     prompter = Prompter(d, tok, tcfg.task, 0, tcfg.max_text_tokens, tcfg.max_answer_tokens)
     idx = torch.tensor(prompter.prompts(d.targets("train")[:1]), device=cfg.device)  # (1, P): every user's prompt
     logp = answer_logprobs(model.llm, idx, {}, prompter.answers[1:])[0].cpu().numpy()  # (C,) items 1..C

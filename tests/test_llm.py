@@ -245,8 +245,11 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     assert fit["spearman vs counts"] == pytest.approx(1.0) and fit["top-10 overlap"] == 10
     user = build_model(tiny(), small, tok)
     torch.save({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, tmp_path / "user.pt")
-    with pytest.raises(SystemExit, match="needs an LLM trained without user context.*fusion xattn"):
+    with pytest.raises(SystemExit, match="needs an LLM trained without user context.*is task next_item, fusion xattn"):
         evaluation.main([f"--ckpt={tmp_path / 'user.pt'}", "--catalogue=True"])
+    torch.save({"model": {}, "config": {"kind": "ar"}, "encoder_config": {}}, tmp_path / "enc.pt")
+    with pytest.raises(SystemExit, match="enc.pt is an encoder"):
+        evaluation.main([f"--ckpt={tmp_path / 'enc.pt'}", "--catalogue=True"])
 
 
 def test_ranking_metrics_against_brute_force():
