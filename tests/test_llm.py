@@ -229,8 +229,8 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     ckpt = {"model": m.state_dict(), "data": small.fingerprint(), "config": old, "encoder_config": None,
             "llm_config": dataclasses.asdict(m.llm.config)}
     torch.save(ckpt, tmp_path / "gpt.pt")
-    args = lambda: configure(evaluation.DEFAULTS, [f"--ckpt={tmp_path / 'gpt.pt'}", "--catalogue=True"])
-    fit = evaluation.main([f"--ckpt={tmp_path / 'gpt.pt'}", "--catalogue=True"])
+    catalogue = [f"--ckpt={tmp_path / 'gpt.pt'}", "--catalogue=True"]
+    fit = evaluation.main(catalogue)
     p = Prompter(small, tok, "next_item", 0, 512, 64)
     prompt = p.prompts(small.targets("train")[:1])[0]
     mass = 0.0
@@ -241,7 +241,7 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     assert fit["catalogue mass"] == pytest.approx(mass, rel=1e-4) and 0 < mass < 1
     counts = torch.tensor(data.popularity(small)[1:])
     monkeypatch.setattr(evaluation, "answer_logprobs", lambda *a, **k: torch.log(counts + 1)[None])
-    fit = evaluation.catalogue_fit(args(), torch.load(tmp_path / "gpt.pt", weights_only=True))
+    fit = evaluation.main(catalogue)
     assert fit["spearman vs counts"] == pytest.approx(1.0) and fit["top-10 overlap"] == 10
     user = build_model(tiny(), small, tok)
     torch.save({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, tmp_path / "user.pt")
