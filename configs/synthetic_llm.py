@@ -9,6 +9,8 @@
 # (a Perceiver, which starts as a working resampler, at perceiver_lr_mult = 1 x),
 # the cross-attention sees which event is the latest through model.Recency (recency=True, the default), and its
 # gates start at gate_init = 0.01 (the default), not 0: their sign is set from step 1, not by noise (README, point 4).
+# 1,200 steps (half a pass over the 153,358 training targets): from 600, seed 1's validation loss 0.1882 -> 0.1820 and
+# exact Recall@10 on 500 validation users 0.342 -> 0.394 (README, point 5); the quickstart stays under 10 minutes.
 out_dir = "out/synthetic-llm"
 dataset = "synthetic"
 seq_len = 50
@@ -23,7 +25,7 @@ n_head = 4
 n_embd = 128
 max_text_tokens = 512
 batch_size = 64
-max_steps = 600
+max_steps = 1200
 warmup_steps = 50
 lr = 3e-4
 min_lr = 3e-5

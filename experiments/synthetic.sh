@@ -19,9 +19,11 @@ for seed in "$@"; do
     run out/syn-s$seed/gpt train_llm.py configs/synthetic_gpt.py --seed=$seed
     llm $seed userllm
 done
+# The last five rows were measured at the previous recipe's 600 steps and not rerun at its 1,200 (README says so).
 variants=("enc-strategy --strategy=enc" "perceiver --perceiver=True" "softprompt --fusion=soft_prompt"
-          "random-encoder --encoder_ckpt=" "fav --task=fav" "fav-none --task=fav --fusion=none"
-          "tp10 --fusion=none --text_events=10" "fav-tp10 --task=fav --fusion=none --text_events=10")
+          "random-encoder --encoder_ckpt= --max_steps=600" "fav --task=fav --max_steps=600"
+          "fav-none --task=fav --fusion=none --max_steps=600" "tp10 --fusion=none --text_events=10 --max_steps=600"
+          "fav-tp10 --task=fav --fusion=none --text_events=10 --max_steps=600")
 for v in "${variants[@]}"; do
     for seed in "$@"; do
         [ "$seed" -gt 3 ] || llm $seed $v
