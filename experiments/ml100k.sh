@@ -5,7 +5,7 @@
 # (configs/ml100k.py) and the stand-in LLM (configs/ml100k_gpt.py: its row is the GPT without user context),
 # contextualize it (configs/ml100k_llm.py: User-LLM, Full) and, frozen, with --strategy=enc. Every run is evaluated on
 # the same 500 test users (every one of the 1,682 titles ranked by log-likelihood; the encoder ranks item ids). One CPU
-# thread per run, about an hour per seed; a finished run (out_dir/done) is skipped. Needs the data first:
+# thread per run, about 1.5 hours per seed; a finished run (out_dir/done) is skipped. Needs the data first:
 #     ../shared/datasets/ml100k.sh data/raw/ml100k && python data.py --dataset=ml100k --raw_dir=data/raw/ml100k
 # The table: python eval.py --summary=True --runs='out/ml100k-s*/*'
 set -e
