@@ -339,13 +339,16 @@ class Prompter:
     is the task's short query, after the last text_events events written out (TextPrompt, UserData.history_text).
     pack > 0 (pretraining an LLM without user context): each row is the batch's `pack` previous examples, then its
     own, one after another as GPT-2's pretraining documents are, with targets on every answer; so the LLM learns to
-    read a query wherever it stands and whatever precedes it (a soft prompt, a written history)."""
+    read a query wherever it stands and whatever precedes it (a soft prompt, a written history).
+    mixed > 0 (pretraining too): each example writes out between 0 and `mixed` of its user's last events (the number:
+    its target index mod mixed + 1, so a function of the example), so the LLM reads histories written as text, and a
+    query after one or after none (TextPrompt, soft prompt)."""
 
-    def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens, pack=0):
+    def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens, pack=0, mixed=0):
         if task not in QUERY:
             raise SystemExit(f"config: task must be one of {', '.join(QUERY)}, got '{task}'")
         self.d, self.tok, self.task, self.k, self.max_text_tokens = d, tok, task, text_events, max_text_tokens
-        self.pack = pack
+        self.pack, self.mixed = pack, mixed
         self.max_answer, self.eot = max_answer_tokens, tok.eot_token
         self.names = unique_names(d.genre_names if task == "fav" else d.item_titles)  # id -> answer text
         # the catalogue's answers, tokenized once (not in the batch hot path): " name" + eot
@@ -356,7 +359,8 @@ class Prompter:
         texts = []
         for t in targets:
             title, rating = self.d.item_titles[self.d.feats[0][t]], self.d.rating_values[self.d.feats[2][t]]
-            history = f"History: {self.d.history_text(t, self.k)}\n" if self.k else ""
+            k = int(t) % (self.mixed + 1) if self.mixed else self.k
+            history = f"History: {self.d.history_text(t, k)}\n" if k else ""
             query = QUERY[self.task].format(feature=self.d.features[1], title=title, rating=f"{rating:g}")
             texts.append(history + query)
         return self.tok.encode_ordinary_batch(texts)
@@ -380,7 +384,7 @@ class Prompter:
         T = max(len(s) for s, _ in rows) - 1
         if T > self.max_text_tokens:
             raise SystemExit(f"a prompt + answer of {T} tokens exceeds max_text_tokens={self.max_text_tokens}: raise "
-                             f"it or lower text_events / max_answer_tokens / pack_examples")
+                             f"it or lower text_events / max_answer_tokens / pack_examples / mixed_history")
         idx = np.full((len(rows), T), self.eot, dtype=np.int64)
         tgt = np.full((len(rows), T), -1, dtype=np.int64)
         for r, (seq, is_answer) in enumerate(rows):

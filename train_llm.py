@@ -40,7 +40,7 @@ def main(argv):
         load_llm(model, cfg.llm_ckpt, d)
     model.to(ctx.device)
     prompter = Prompter(d, tok, cfg.task, cfg.text_events, cfg.max_text_tokens, cfg.max_answer_tokens,
-                        cfg.pack_examples)
+                        cfg.pack_examples, cfg.mixed_history)
     if ctx.master:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())

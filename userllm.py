@@ -51,6 +51,9 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py)
     perceiver_lr_mult=1.0,  # the Perceiver's, x lr: it starts as a working resampler (perceiver.py), keep it one
     max_answer_tokens=64,
     pack_examples=0,  # fusion='none' only: the batch's pack_examples previous examples before each (data.Prompter)
+    # fusion='none', text_events=0 only (pretraining the stand-in LLM): each training and validation example writes
+    # out between 0 and mixed_history of its events before the query (data.Prompter); eval.py asks without a history
+    mixed_history=0,
     **TRAIN_DEFAULTS,
 )
 
@@ -127,6 +130,9 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
         raise SystemExit(f"config: fusion must be xattn, soft_prompt or none, got '{cfg.fusion}'")
     if cfg.pack_examples and cfg.fusion != "none":  # a row's other examples belong to other users
         raise SystemExit(f"config: pack_examples={cfg.pack_examples} needs fusion='none', got '{cfg.fusion}'")
+    if cfg.mixed_history and (cfg.fusion != "none" or cfg.text_events):  # it replaces text_events while training
+        raise SystemExit(f"config: mixed_history={cfg.mixed_history} needs fusion='none' and text_events=0, got "
+                         f"'{cfg.fusion}' and {cfg.text_events}")
     encoder = build_encoder(cfg, d, enc_cfg) if cfg.fusion != "none" else None  # TextPrompt has no user encoder
     d_user = encoder.cfg.n_embd if encoder is not None else 0
     fusion = dict(d_user=d_user if cfg.fusion == "xattn" else 0, xattn_every=cfg.xattn_every, xattn_dim=cfg.xattn_dim,

@@ -172,6 +172,29 @@ def test_packed_pretraining_rows(small):
         build_model(tiny(pack_examples=1, fusion="xattn"), small, tok)
 
 
+def test_mixed_history_pretraining_prompts(small):
+    """mixed_history: each example writes out 0..K of its own user's last events (a function of the example), then
+    the query; the answer is unchanged."""
+    tok = get_tokenizer("scratch")
+    targets = small.targets("train")[:40]
+    plain = Prompter(small, tok, "next_item", 0, 512, 64)
+    mixed = Prompter(small, tok, "next_item", 0, 512, 64, mixed=3)
+    query = data.QUERY["next_item"]
+    lengths = set()
+    for t, p in zip(targets, mixed.prompts(targets)):
+        k = int(t) % 4
+        expected = f"History: {small.history_text(t, k)}\n{query}" if k else query
+        assert tok.decode(p) == expected
+        lengths.add(k if small.history_text(t, k) else 0)
+    assert lengths == {0, 1, 2, 3}  # every history length occurs, none at all included
+    assert mixed.prompts(targets) == mixed.prompts(targets)  # the same example, the same prompt (resumable)
+    a, b = plain(small.batch(targets, 10), targets), mixed(small.batch(targets, 10), targets)
+    assert [[x for x in r if x >= 0] for r in a["targets"].tolist()] == \
+        [[x for x in r if x >= 0] for r in b["targets"].tolist()]
+    with pytest.raises(SystemExit, match="mixed_history=2 needs fusion='none' and text_events=0"):
+        build_model(tiny(mixed_history=2, fusion="none", text_events=10), small, tok)
+
+
 def test_fav_and_review_answers(small):
     tok = get_tokenizer("scratch")
     targets = small.targets("val")[:4]
