@@ -21,11 +21,14 @@ class PerceiverResampler(nn.Module):
     alone sees a set. A learned read bias (latent x recency, added to the attention logits) starts latent m on the
     event with recency m, so the resampler starts by handing on the latest M events, distinct and user-dependent,
     much as the cross-attention without it sees them, and learns from there what to keep of the older ones. Without
-    it, attention starts uniform and the M outputs start as near-copies of one average of the events. The latents
-    start small (std 0.02): their LayerNorm makes them M different queries anyway, and the output starts as what they
-    read. It must train at the pretrained layers' learning rate, not the new ones' 10x: it starts as a working
-    function, and before a gate opens its gradient is noise that moves it by about the learning rate a step
-    (measured: README, "The Perceiver").
+    it, attention starts uniform and the M outputs start as near-copies of one average of the events. Each layer's
+    value projection starts as the identity, its output projection as identity / n_layers and its FFW's last layer
+    at zero, so what a latent reads reaches the output unchanged (not through a random linear map plus a random FFW
+    of the same size, which the LLM's cross-attention would have to learn to see through): latent m starts as event
+    m itself, normalised. The latents start small (std 0.02): their LayerNorm makes them M different queries anyway,
+    and the output starts as what they read. It must train at the pretrained layers' learning rate, not the new
+    ones' 10x: it starts as a working function, and before a gate opens its gradient is noise that moves it by about
+    the learning rate a step (measured: README, "The Perceiver").
     The output size M doesn't depend on N, nor on padding."""
 
     def __init__(self, d, n_latents=16, n_layers=2, n_head=4, dropout=0.0, max_events=512):
@@ -39,6 +42,15 @@ class PerceiverResampler(nn.Module):
             ln_x=nn.LayerNorm(d), ln_lat=nn.LayerNorm(d), attn=CrossAttention(d, d, n_head, d, dropout),
             ln_ff=nn.LayerNorm(d), mlp=MLP(d, dropout))) for _ in range(n_layers)])
         self.ln_f = nn.LayerNorm(d)
+        with torch.no_grad():  # start as the identity on what each latent reads (docstring)
+            for layer in self.layers:
+                value = layer.attn.kv.weight[d:]  # (d, d): kv = [keys; values]
+                value.copy_(torch.eye(d))
+                layer.attn.kv.bias[d:].zero_()
+                layer.attn.proj.weight.copy_(torch.eye(d) / n_layers)
+                layer.attn.proj.bias.zero_()
+                layer.mlp.c_proj.weight.zero_()
+                layer.mlp.c_proj.bias.zero_()
 
     def forward(self, x, mask=None):
         # x (B, N, D); mask (B, N) bool, True = real event. Returns latents (B, M, D) and their mask (B, M), all True.
