@@ -244,6 +244,8 @@ def describe(c):
     """A results-table name for a train_llm.py run (a rerun with another seed gets its own name)."""
     if c.fusion == "none":
         name = (f"TextPrompt TP{c.text_events}" if c.text_events else "no user context") + f" ({c.strategy})"
+        mixed = getattr(c, "mixed_history", 0)  # absent from configs written before it existed
+        name += f" reading 0-{mixed} events" if mixed else ""  # a stand-in pretrained with written histories
     else:
         name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion] + f" N={c.seq_len} ({c.strategy})"
         name += f" +Perceiver{c.n_latents}" if c.perceiver else ""

@@ -193,6 +193,8 @@ def test_mixed_history_pretraining_prompts(small):
         [[x for x in r if x >= 0] for r in b["targets"].tolist()]
     with pytest.raises(SystemExit, match="mixed_history=2 needs fusion='none' and text_events=0"):
         build_model(tiny(mixed_history=2, fusion="none", text_events=10), small, tok)
+    # results tables keep the two stand-ins apart (eval.py --summary groups runs by this name)
+    assert evaluation.describe(tiny(fusion="none")) != evaluation.describe(tiny(fusion="none", mixed_history=2))
 
 
 def test_fav_and_review_answers(small):
