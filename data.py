@@ -341,7 +341,7 @@ class Prompter:
     own, one after another as GPT-2's pretraining documents are, with targets on every answer; so the LLM learns to
     read a query wherever it stands and whatever precedes it (a soft prompt, a written history).
     mixed > 0 (pretraining too): each example writes out between 0 and `mixed` of its user's last events (the number:
-    its target index mod mixed + 1, so a function of the example), so the LLM reads histories written as text, and a
+    its target index mod (mixed + 1), so a function of the example), so the LLM reads histories written as text, and a
     query after one or after none (TextPrompt, soft prompt)."""
 
     def __init__(self, d, tok, task, text_events, max_text_tokens, max_answer_tokens, pack=0, mixed=0):
