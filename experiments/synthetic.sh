@@ -2,8 +2,8 @@
 # The README's User-LLM results on the synthetic default, every row over seeds. For each seed given:
 #     bash experiments/synthetic.sh 1 2 3 4 5      (or two halves at once, one per core: ... 1 3 5 & ... 2 4)
 # 1. the quickstart's pipeline: pretrain the encoder and the stand-in LLM (its row: no user context), contextualize
-#    it (User-LLM); 2. for seeds 1-3, the variants and baselines, from that seed's pretrained pair (TextPrompt: from
-#    a stand-in that has read histories, pretrained for it).
+#    it (User-LLM); 2. TextPrompt TP10, from a stand-in that has read histories, pretrained for it; 3. for seeds 1-3,
+#    the variants and the other baselines, from that seed's pretrained pair.
 # Every run is evaluated on the same 500 test users (recall: every title ranked by log-likelihood; beam search beside
 # it). One CPU thread per run. A finished run (out_dir/done) is skipped, so an interrupted script resumes. The table:
 #     python eval.py --summary=True --runs='out/syn-s*/*'
@@ -31,11 +31,12 @@ for v in "${variants[@]}"; do
 done
 # TextPrompt (the history written as text) from a stand-in that has read histories: pretrained with 0-10 of each
 # example's events written out before its query (about 9x the plain stand-in's CPU); its own row: no user context.
+# Every seed: the quickstart's User-LLM is compared with TP10 on each.
 for seed in "$@"; do
-    [ "$seed" -gt 3 ] && continue
     hist=out/syn-s$seed/gpt-hist
     run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=10
     llm $seed tp10 --fusion=none --text_events=10 --llm_ckpt=$hist/best.pt
-    llm $seed fav-tp10 --task=fav --fusion=none --text_events=10 --max_steps=600 --llm_ckpt=$hist/best.pt
+    [ "$seed" -gt 3 ] || llm $seed fav-tp10 --task=fav --fusion=none --text_events=10 --max_steps=600 \
+        --llm_ckpt=$hist/best.pt
 done
 python eval.py --summary=True --runs='out/syn-s*/*'
