@@ -4,12 +4,14 @@
 # The synthetic pipeline's commands with MovieLens-100K siblings of its configs: pretrain the encoder
 # (configs/ml100k.py) and the stand-in LLM (configs/ml100k_gpt.py: its row is the GPT without user context),
 # contextualize it (configs/ml100k_llm.py: User-LLM, Full) and, frozen, with --strategy=enc. Every run is evaluated on
-# the same 500 test users (every one of the 1,682 titles ranked by log-likelihood; the encoder ranks item ids). One CPU
-# thread per run, about 1.5 hours per seed; a finished run (out_dir/done) is skipped. Needs the data first:
+# all 943 test users (every one of the 1,682 titles ranked by log-likelihood; the encoder ranks item ids), as the
+# library reference is. One CPU thread per run, about 1.6 hours per seed (0.7 of it evaluating the three LLMs); a
+# finished run (out_dir/done) is skipped. Needs the data first:
 #     ../shared/datasets/ml100k.sh data/raw/ml100k && python data.py --dataset=ml100k --raw_dir=data/raw/ml100k
 # The table: python eval.py --summary=True --runs='out/ml100k-s*/*'
 set -e
 source "$(dirname "$0")/run.sh"
+EVAL_EXAMPLES=0  # every test user
 [ -d data/ml100k ] || { echo "data/ml100k is missing: prepare MovieLens-100K first (see above)"; exit 1; }
 for seed in "$@"; do
     o=out/ml100k-s$seed

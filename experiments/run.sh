@@ -1,10 +1,10 @@
 # Sourced by the experiment scripts: one CPU thread per run, and
 #     run OUT_DIR SCRIPT CONFIG ARGS...
-# trains unless OUT_DIR/done exists (so an interrupted script resumes), then evaluates OUT_DIR/best.pt on the same 500
-# seeded test users unless OUT_DIR/eval_test.json exists.
+# trains unless OUT_DIR/done exists (so an interrupted script resumes), then evaluates OUT_DIR/best.pt on the same
+# seeded test users (EVAL_EXAMPLES of them, 500 unless set; 0: every test user) unless OUT_DIR/eval_test.json exists.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() {
     local out=$1; shift
     [ -f $out/done ] || { python "$@" --out_dir=$out && touch $out/done; }
-    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=500
+    [ -f $out/eval_test.json ] || python eval.py --ckpt=$out/best.pt --max_examples=${EVAL_EXAMPLES:-500}
 }
