@@ -197,7 +197,9 @@ class Recency(nn.Module):
     """A learned embedding of each event's recency, added to the user embeddings before they are attended to:
     attention sees a set, and without it nothing tells the latest event (whose embedding predicts what comes next)
     from the 49 before it. Index k = the number of real events after this one (0 = the latest), so left or right
-    padding changes nothing. Starts at std 1, as Flamingo's time embeddings do."""
+    padding changes nothing. Starts at std 1, as Flamingo's time embeddings do. Looked up with F.embedding, not
+    self.emb[index]: on CPU with more than one thread, the backward of tensor indexing adds the rows' gradients in an
+    order that varies from run to run (a run would not repeat bit for bit); embedding's backward does not."""
 
     def __init__(self, max_events, d):
         super().__init__()
@@ -205,7 +207,7 @@ class Recency(nn.Module):
 
     def forward(self, x, mask):
         # x (B, N, D) user embeddings; mask (B, N) bool, True = real event. Returns x + the recency embedding.
-        return x + self.emb[recency_index(mask).clamp(max=self.emb.size(0) - 1)]
+        return x + F.embedding(recency_index(mask).clamp(max=self.emb.size(0) - 1), self.emb)
 
 
 def recency_index(mask):

@@ -8,6 +8,7 @@ Dimension letters: B batch, N user events, M latents, D width of the user embedd
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import MLP, CrossAttention, Recency, recency_index
 
@@ -61,7 +62,8 @@ class PerceiverResampler(nn.Module):
             mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
         x = self.time(x, mask)
         rec = recency_index(mask).clamp(max=self.read_bias.size(1) - 1)  # (B, N)
-        bias = self.read_bias[:, rec].transpose(0, 1).masked_fill(~mask[:, None, :], float("-inf"))  # (B, M, N)
+        bias = F.embedding(rec, self.read_bias.T).transpose(1, 2)  # (B, M, N) (F.embedding: see model.Recency)
+        bias = bias.masked_fill(~mask[:, None, :], float("-inf"))
         bias = torch.cat([bias, bias.new_zeros(B, M, M)], dim=2)  # (B, M, N + M): the latents' own keys: no bias
         for layer in self.layers:
             q = layer.ln_lat(lat)
