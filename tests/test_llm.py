@@ -244,8 +244,8 @@ def test_average_ranks_share_ties():
 
 def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     """eval.py --catalogue=True: the probability the titles hold after the query equals a brute-force sum over the
-    catalogue; a GPT whose title log-probabilities follow the training counts scores Spearman 1 and 10 of 10; a model
-    with user context is refused in one line; a checkpoint older than a config key still loads."""
+    catalogue; a GPT whose title log-probabilities follow the training counts scores Spearman 1 and 10 of 10, and its
+    one list's Recall on every test user is most popular's; a model with user context is refused in one line; a checkpoint older than a config key still loads."""
     import dataclasses
     torch.manual_seed(0)
     tok, cfg = get_tokenizer("scratch"), tiny(fusion="none", strategy="full")
@@ -268,6 +268,11 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "answer_logprobs", lambda *a, **k: torch.log(counts + 1)[None])
     fit = evaluation.main(catalogue)
     assert fit["spearman vs counts"] == pytest.approx(1.0) and fit["top-10 overlap"] == 10
+    # ranked as most popular ranks, its one list scores what most popular scores, on every test user
+    assert fit["examples"] == len(small.targets("test")) and fit["rows"]["its one list"] == fit["rows"]["most popular"]
+    monkeypatch.setattr(evaluation, "answer_logprobs", lambda *a, **k: -torch.log(counts + 1)[None])
+    fit = evaluation.main(catalogue + ["--split=val"])  # the least watched first: worse than most popular
+    assert fit["rows"]["its one list"]["recall@10"] < fit["rows"]["most popular"]["recall@10"]
     user = build_model(tiny(), small, tok)
     torch.save({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, tmp_path / "user.pt")
     with pytest.raises(SystemExit, match="needs an LLM trained without user context.*is task next_item, fusion xattn"):
