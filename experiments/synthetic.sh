@@ -30,11 +30,12 @@ for v in "${variants[@]}"; do
     done
 done
 # TextPrompt (the history written as text) from a stand-in that has read histories: pretrained with 0-10 of each
-# example's events written out before its query (about 9x the plain stand-in's CPU); its own row: no user context.
+# example's events written out before its query (about 9x the plain stand-in's CPU per step); its own row: no user
+# context. It keeps the stand-in's earlier schedule (1,000 steps to 3e-4): the longer one was not rerun for it.
 # Every seed: the quickstart's User-LLM is compared with TP10 on each.
 for seed in "$@"; do
     hist=out/syn-s$seed/gpt-hist
-    run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=10
+    run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=10 --max_steps=1000 --min_lr=3e-4
     llm $seed tp10 --fusion=none --text_events=10 --llm_ckpt=$hist/best.pt
     [ "$seed" -gt 3 ] || llm $seed fav-tp10 --task=fav --fusion=none --text_events=10 --max_steps=600 \
         --llm_ckpt=$hist/best.pt
