@@ -305,8 +305,9 @@ def catalogue_fit(cfg, ckpt):
     should rank as most-popular does. Returns the probability its titles hold after the query (the rest goes to strings
     that are no title: it cannot spell them all yet), the Spearman correlation of their log-probabilities with the
     training counts, how many of its top 10 are among the 10 most watched, and (rows) that one list's Recall@k on every
-    user of --split beside most popular's: exact, from one forward pass, so it settles on all users what a subset
-    cannot."""
+    target of --split beside most popular's: exact, from one forward pass, so it settles on all users what a subset
+    cannot (--split=train: the share of the training targets its top k covers; most popular's is the most any one
+    list can cover)."""
     tcfg = llm_config(ckpt) if "llm_config" in ckpt else None
     if tcfg is None or tcfg.task != "next_item" or tcfg.fusion != "none" or tcfg.text_events:
         what = ("an encoder" if tcfg is None else
@@ -510,7 +511,7 @@ def main(argv):
         fit = catalogue_fit(cfg, ckpt)
         print(f"{cfg.ckpt}: its titles hold {fit['catalogue mass']:.3f} of the probability after the query; Spearman "
               f"{fit['spearman vs counts']:.3f} against the training counts; {fit['top-10 overlap']} of its top 10 "
-              f"are among the 10 most watched; on all {fit['examples']} users of the {cfg.split} split:")
+              f"are among the 10 most watched; on all {fit['examples']} targets of the {cfg.split} split:")
         print_table(fit["rows"])
         return fit
     rows = (evaluate_llm_checkpoint if "llm_config" in ckpt else evaluate_encoder_checkpoint)(cfg, ckpt)

@@ -7,8 +7,8 @@
 # Without user context its ranking is one list, the same for every user, so its Recall is set by how well it estimates
 # how often each title is watched; a perfect estimate ranks as most popular does. The synthetic catalogue is flat
 # (the most watched title is 0.88% of the training targets, the 10th 0.71%, the 14th 0.67%), so that takes a fine
-# estimate. Measured on the training targets (`python eval.py --ckpt=<run>/best.pt --catalogue=True` gives the
-# Spearman; the share its top 10 covers, against most popular's 0.0761, from logs, seeds 1-2):
+# estimate. Measured on the training targets, seeds 1-2 (`python eval.py --ckpt=<run>/best.pt --catalogue=True
+# --split=train` prints the Spearman and the share of them its top 10 covers, against most popular's 0.0761):
 # - min_lr 3e-5, not 3e-4: the estimate at the end of a schedule that stops at 3e-4 follows the last few hundred
 #   batches (Spearman 0.84 / 0.85 with the training counts, its top 10 covers 0.0683 / 0.0627); decayed to 3e-5 it
 #   averages over many more (0.95 / 0.95; 0.0745 / 0.0747);
