@@ -245,7 +245,8 @@ def test_average_ranks_share_ties():
 def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     """eval.py --catalogue=True: the probability the titles hold after the query equals a brute-force sum over the
     catalogue; a GPT whose title log-probabilities follow the training counts scores Spearman 1 and 10 of 10, and its
-    one list's Recall on every test user is most popular's; a model with user context is refused in one line; a checkpoint older than a config key still loads."""
+    one list's Recall on every test user is most popular's; a model with user context is refused in one line; a
+    checkpoint older than a config key still loads."""
     import dataclasses
     torch.manual_seed(0)
     tok, cfg = get_tokenizer("scratch"), tiny(fusion="none", strategy="full")
@@ -340,7 +341,6 @@ def test_results_table_shows_every_rows_metrics(capsys):
     header, model, popular = capsys.readouterr().out.splitlines()
     assert header.split() == ["beam_recall@10", "recall@10"]
     assert model.split() == ["User-LLM", "0.2500"] and popular.split() == ["most", "popular", "0.0625"]
-
 
 
 @pytest.mark.parametrize("module", ["recency", "perceiver"])
