@@ -327,7 +327,7 @@ def catalogue_fit(cfg, ckpt):
     rows.update(reference_rows(d, cfg.split, targets, tcfg.seq_len, "item", cfg.batch_size, cfg.device))
     return {"catalogue mass": float(np.exp(logp.astype(np.float64)).sum()),
             "spearman vs counts": float(np.corrcoef(average_ranks(logp), average_ranks(counts))[0, 1]),
-            "top-10 overlap": len(top(logp) & top(counts)), "split": cfg.split, "examples": len(targets), "rows": rows}
+            "top-10 overlap": len(top(logp) & top(counts)), "examples": len(targets), "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

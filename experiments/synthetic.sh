@@ -20,7 +20,7 @@ for seed in "$@"; do
     run out/syn-s$seed/gpt train_llm.py configs/synthetic_gpt.py --seed=$seed
     llm $seed userllm
 done
-# Three rows were measured at the previous recipe's 600 steps and not rerun at its 1,200 (README says so).
+# Three rows run the recipe's earlier 600 steps, not its 1,200 (README says so).
 variants=("enc-strategy --strategy=enc" "perceiver --perceiver=True" "softprompt --fusion=soft_prompt"
           "random-encoder --encoder_ckpt= --max_steps=600" "fav --task=fav --max_steps=600"
           "fav-none --task=fav --fusion=none --max_steps=600")
