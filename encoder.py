@@ -185,6 +185,7 @@ class UserEncoder(nn.Module):
     predict every feature of the next event. Each output is projected back into feature f's space (Linear C -> d_f) and
     scored against feature f's own input table (tied weights)."""
     kind, causal, n_extra_ids = 'ar', True, 0  # Bert4Rec changes these three and nothing else here
+    heads = ('proj',)  # the parts only pretraining uses: embed() does not (an LLM does not train them)
 
     def __init__(self, cfg):
         super().__init__()
@@ -279,6 +280,7 @@ class DualEncoder(nn.Module):
     embeddings. Label tower: a label embedding table plus a residual MLP. Score of label l = max_k <u_k, e_l>, softmax
     over the whole catalogue (labels 1..L-1). label_task: 'next_item' (labels = items) or 'fav' (labels = genres)."""
     kind = 'dual'
+    heads = ('label_emb', 'label_mlp')  # as UserEncoder.heads
 
     def __init__(self, cfg):
         super().__init__()

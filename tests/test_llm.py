@@ -52,10 +52,17 @@ def test_each_strategy_trains_exactly_its_parameters(small, fusion):
                 (count(m.perceiver) if m.perceiver else 0) + (count(m.recency) if m.recency else 0)
             assert (m.recency is not None) == (fusion == "xattn" and not perceiver)  # the Perceiver has its own
             lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+            heads = count(m.encoder.proj)  # the encoder's pretraining heads: the LLM's loss never reaches them
             counts[strategy] = trained(m)
-            assert trained(m) == {"full": count(m), "lora": lora + count(m.encoder) + fusion_layers,
-                                  "enc": count(m.encoder) + fusion_layers, "proj": fusion_layers}[strategy]
+            assert trained(m) == {"full": count(m) - heads, "lora": lora + count(m.encoder) - heads + fusion_layers,
+                                  "enc": count(m.encoder) - heads + fusion_layers, "proj": fusion_layers}[strategy]
             assert (lora > 0) == (strategy == "lora")
+            # DDP's condition: every trained parameter gets a gradient from the loss (a LoRA B starts at 0, so
+            # its A's gradient is 0 at first, but it is there)
+            targets = small.targets("train")[:4]
+            batch = to_device(Prompter(small, tok, "next_item", 0, 64, 16)(small.batch(targets, 10), targets), "cpu")
+            m.train()(batch).backward()
+            assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
         assert counts["full"] > counts["enc"] > counts["proj"] > 0 and counts["lora"] > counts["enc"]
 
 

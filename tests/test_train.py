@@ -102,13 +102,22 @@ def test_every_script_answers_help(script, capsys):
     assert e.value.code == 0 and module.__doc__.strip().splitlines()[0] in out and "--seed" in out
 
 
+TINY_RUNS = {  # the same global batch (16), split in 2 micro-batches: one per rank under torchrun
+    "encoder": ["train_encoder.py", "--n_layer=1", "--n_embd=32", "--feature_dims=(16, 8, 8)", "--dropout=0.0",
+                "--eval_examples=300"],  # validation spans two batches: one for each rank
+    # User-LLM, Full, with the encoder's pretraining heads in the model: every trained parameter must get a gradient
+    "llm": ["train_llm.py", "--n_layer=1", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1",
+            "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", "--strategy=full", "--eval_examples=64"],
+}
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one(small, tmp_path):
+@pytest.mark.parametrize("script", TINY_RUNS)
+def test_two_processes_equal_one(small, tmp_path, script):
     """torchrun --nproc_per_node=2 computes what one process computes: same global batches, same losses."""
-    args = [os.path.join(ROOT, "train_encoder.py"), f"--data_dir={small}", "--n_layer=1", "--n_embd=32",
-            "--feature_dims=(16, 8, 8)", "--batch_size=16", "--log_interval=1", "--max_steps=4", "--eval_interval=2",
-            "--dropout=0.0", "--grad_accum=2", "--warmup_steps=1",
-            "--eval_examples=300"]  # validation spans two batches: one for each rank
+    name, *shape = TINY_RUNS[script]
+    args = [os.path.join(ROOT, name), f"--data_dir={small}", *shape, "--batch_size=16", "--log_interval=1",
+            "--max_steps=4", "--eval_interval=2", "--grad_accum=2", "--warmup_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count, so the same summation order in every matmul
     subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], check=True, cwd=ROOT, env=env,
                    capture_output=True, timeout=300)
