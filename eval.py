@@ -478,8 +478,9 @@ def plot_time_to_quality(runs, path, metric="recall@10"):
         pts = [(r["cpu_s"], r[f"val_{metric}"]) for r in log if f"val_{metric}" in r and "cpu_s" in r]
         if not pts:
             raise SystemExit(f"{run}: its log.jsonl has no validation {metric} with cpu_s")
-        name = describe(c) if hasattr(c, "fusion") else (
-            f"{c.kind} encoder" + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else ""))
+        name = describe(c) if hasattr(c, "fusion") else (f"{c.kind} encoder" + (
+            " + seen bias" if getattr(c, "seen_bias", False) else "") + (
+            f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else ""))
         series[name if name not in series else f"{name} [{run}]"] = tuple(zip(*pts))
     svg_chart(path, series, f"validation {metric} against training time", "training CPU-seconds",
               f"validation {metric}")

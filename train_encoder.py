@@ -33,7 +33,7 @@ def main(argv):
     train_targets = d.targets("train", cfg.min_history)
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
     train(
-        cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2)),
+        cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), {"seen_bias": cfg.seen_bias_lr_mult}),
         global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
         make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
         evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, enc_cfg.label, device=ctx.device,
@@ -41,6 +41,7 @@ def main(argv):
         select=Selection("recall@10", higher_is_better=True),
         extra={"encoder_config": dataclasses.asdict(enc_cfg), "data": d.fingerprint()},
         units_per_example=cfg.seq_len,
+        watch=lambda: {} if model.seen_bias is None else {"seen_bias": model.seen_bias.item()},  # logged as it learns
     )
     cleanup_distributed(ctx)
 

@@ -14,6 +14,7 @@ VOCAB = (31, 6, 6)  # item, genre, rating; id 0 is padding
 SMALL = dict(vocab_sizes=VOCAB, feature_dims=(16, 8, 8), n_embd=32, n_layer=2, n_head=4, block_size=16)
 CLASSES = {'ar': UserEncoder, 'bert4rec': Bert4Rec, 'dual': DualEncoder}
 ALL = ['ar', 'bert4rec', 'dual', 'dual-fav']  # 'dual-fav': Dual Encoder with label_task='fav' and 3 user embeddings
+SEEN = ['ar-seen', 'bert4rec-seen', 'dual-seen']  # with seen_bias=True, the bias set to -1 (+ noise)
 
 
 def make(name, seed=0, noise=0.0, **kw):
@@ -23,8 +24,12 @@ def make(name, seed=0, noise=0.0, **kw):
     kind = name.split('-')[0]
     if name == 'dual-fav':
         kw = dict(label_task='fav', n_user_embs=3, **kw)
+    if name.endswith('-seen'):
+        kw = dict(seen_bias=True, **kw)
     m = CLASSES[kind](EncoderConfig(kind=kind, **{**SMALL, **kw})).eval()
     with torch.no_grad():
+        if m.seen_bias is not None:
+            m.seen_bias.fill_(-1.0)
         for p in m.parameters():
             p += noise * torch.randn_like(p)
     return m
@@ -69,7 +74,7 @@ def test_config_roundtrip_and_errors():
         make('ar').embed(random_batch(N=20, n_real=(3,))['hist'])
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', ALL + SEEN)
 def test_shapes(name):
     m, b = make(name), random_batch()
     B, N = b['hist'][0].shape
@@ -134,7 +139,7 @@ def test_tied_weights(name):
     assert not torch.equal(before, m.trunk.wte[0].weight)
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', ALL + SEEN)
 def test_padding_invariance(name):
     """Extra left padding and garbage in padding events change neither scores nor embeddings of real events."""
     m, hist = make(name, noise=0.3), random_batch()['hist']
@@ -151,7 +156,7 @@ def test_padding_invariance(name):
         torch.testing.assert_close(e1[:, -N:][k0], e0[k0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['ar', 'dual', 'dual-fav'])
+@pytest.mark.parametrize('name', ['ar', 'dual', 'dual-fav', 'ar-seen', 'dual-seen'])
 def test_loss_ignores_padding(name):
     """Same real events, more padding (row 0 goes from none to some) and garbage in it: same loss. A changed real
     event does change it (the comparison can fail)."""
@@ -192,17 +197,17 @@ def test_bert4rec_masking():
         assert (y[masked] == v).all() and torch.equal(y[~masked], x[~masked])
 
 
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', ALL + SEEN)
 def test_special_columns_are_minus_inf(name):
     m, hist = make(name), random_batch()['hist']
     with torch.no_grad():
         s = m.scores(hist)
     assert torch.isneginf(s[:, 0]).all() and torch.isfinite(s[:, 1:]).all()
-    if name == 'bert4rec':
+    if name.startswith('bert4rec'):
         assert s.shape[1] == VOCAB[0]  # the [MASK] column is dropped: column i is item i
         h = torch.randn(3, 32)
         for f, v in enumerate(VOCAB):
-            logits = m.logits(h, f)
+            logits = m.logits(h, f, seen=torch.zeros(3, 1, dtype=torch.long))  # no history: no seen bias
             assert logits.shape == (3, v + 1) and torch.isneginf(logits[:, [0, v]]).all()
 
 
@@ -227,39 +232,99 @@ def test_overfits_tiny_batch(name):
     assert final < 0.1 * first, (first, final)
 
 
-@pytest.mark.parametrize('name', ['ar', 'bert4rec'])
+@pytest.mark.parametrize('name', ['ar', 'bert4rec', 'ar-seen', 'bert4rec-seen'])
 def test_feature_loss_equals_the_masked_full_softmax(name):
     """The training loss (only positions with a target, only the real columns) equals, with the same gradients, the
     straightforward one: every position's full logits with -inf columns, then masked_cross_entropy. An all-padding
-    row, a feature without targets and a zero loss weight included; a changed target does change it."""
+    row, a feature without targets and a zero loss weight included; a changed target does change it. With the seen
+    bias: seen ids with padding among them, and the bias's own gradient."""
     m = make(name, noise=0.3, loss_weights=(1.0, 0.5, 0.0))
     h = torch.randn(4, 7, 32, requires_grad=True)
     targets = [torch.randint(0, v, (4, 7)) for v in VOCAB]
     targets[0][0], targets[1][3] = 0, 0  # row 0: no item target; row 3: no genre target
     targets[2][:] = 0
-    fast = m.feature_loss(h, targets)
-    slow = sum(w * masked_cross_entropy(m.logits(h, f), targets[f]) for f, w in enumerate(m.cfg.loss_weights) if w)
+    seen = encoder.seen_ids(torch.randint(0, VOCAB[0], (4, 7)), causal=True) if name.endswith('-seen') else None
+    fast = m.feature_loss(h, targets, seen)
+    slow = sum(w * masked_cross_entropy(m.logits(h, f, seen), targets[f])
+               for f, w in enumerate(m.cfg.loss_weights) if w)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     grads = [torch.autograd.grad(loss, [h, *m.parameters()], allow_unused=True) for loss in (fast, slow)]
     for a, b, p in zip(*grads, [h, *m.parameters()]):
         torch.testing.assert_close(a if a is not None else torch.zeros_like(p),
                                    b if b is not None else torch.zeros_like(p), atol=1e-5, rtol=1e-5)
     targets[0][1, 2] = targets[0][1, 2] % (VOCAB[0] - 1) + 1
-    assert not torch.allclose(m.feature_loss(h, targets), fast)
-    assert m.feature_loss(h, [torch.zeros(4, 7, dtype=torch.long)] * 3).item() == 0.0
+    assert not torch.allclose(m.feature_loss(h, targets, seen), fast)
+    assert m.feature_loss(h, [torch.zeros(4, 7, dtype=torch.long)] * 3, seen).item() == 0.0
 
 
-def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch):
+@pytest.mark.parametrize('seen', [False, True])
+def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch, seen):
     """The chunked, fused cross-entropy: same loss and gradients as F.cross_entropy(x @ w.T), over chunk boundaries
-    (K = 10 rows, chunks of 4) and for no rows at all; a changed target changes it."""
+    (K = 10 rows, chunks of 4) and for no rows at all; a changed target changes it. seen: with a bias b on the columns
+    each row lists (repeats and -1 = none among them), its gradient included; the reference built by a loop."""
     monkeypatch.setattr(encoder.LinearCrossEntropy, 'CHUNK', 4)
     x, w = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     y = torch.randint(0, 30, (10,))
-    fast, slow = encoder.linear_cross_entropy(x, w, y), F.cross_entropy(x @ w.T, y, reduction='sum')
+    cols, b = (torch.randint(-1, 30, (10, 6)), torch.tensor(-0.7, requires_grad=True)) if seen else (None, None)
+    z = x @ w.T
+    if seen:
+        listed = torch.zeros(10, 30)
+        for i, row in enumerate(cols.tolist()):
+            for c in row:
+                if c >= 0:
+                    listed[i, c] = 1.0
+        assert 0 < listed.sum() < 60  # repeats and -1 really there
+        z = z + b * listed
+    fast, slow = encoder.linear_cross_entropy(x, w, y, cols, b), F.cross_entropy(z, y, reduction='sum')
     torch.testing.assert_close(fast, slow)
-    for a, b in zip(torch.autograd.grad(2.0 * fast, [x, w]), torch.autograd.grad(2.0 * slow, [x, w])):
-        torch.testing.assert_close(a, b)
+    params = [x, w] + ([b] if seen else [])
+    for g1, g2 in zip(torch.autograd.grad(2.0 * fast, params), torch.autograd.grad(2.0 * slow, params)):
+        torch.testing.assert_close(g1, g2)
     y[7] = (y[7] + 1) % 30
-    assert not torch.allclose(encoder.linear_cross_entropy(x, w, y), fast)
-    empty = encoder.linear_cross_entropy(x[:0], w, y[:0])
+    assert not torch.allclose(encoder.linear_cross_entropy(x, w, y, cols, b), fast)
+    empty = encoder.linear_cross_entropy(x[:0], w, y[:0], None if cols is None else cols[:0], b)
     assert empty.item() == 0.0 and torch.autograd.grad(empty, w)[0].abs().sum() == 0
+
+
+def test_seen_ids():
+    """Causal: position t sees the ids of events 0..t; bidirectional: every event's."""
+    items = torch.tensor([[0, 5, 7, 5]])
+    assert encoder.seen_ids(items, causal=True)[0].tolist() == [[0, 0, 0, 0], [0, 5, 0, 0], [0, 5, 7, 0], [0, 5, 7, 5]]
+    assert encoder.seen_ids(items, causal=False)[0].tolist() == [[0, 5, 7, 5]] * 4
+
+
+@pytest.mark.parametrize('name', SEEN)
+def test_seen_bias_moves_exactly_the_seen_items(name):
+    """The scores with the seen bias b are the scores without it plus b on each row's history items, nothing else."""
+    m, hist = make(name, noise=0.3), random_batch()['hist']
+    with torch.no_grad():
+        s1 = m.scores(hist)
+        b = m.seen_bias.item()
+        m.seen_bias.zero_()
+        s0 = m.scores(hist)
+    expected = torch.zeros_like(s0)
+    for r, row in enumerate(hist[0].tolist()):
+        expected[r, [i for i in row if i]] = b
+    assert b < -0.5 and (expected != 0).any()
+    torch.testing.assert_close((s1 - s0)[:, 1:], expected[:, 1:])
+
+
+@pytest.mark.parametrize('repeat', [False, True])
+def test_seen_bias_learns_whether_users_repeat(repeat):
+    """Trained from 0 on users who never come back to an item the bias goes below 0; on users whose next item is always
+    one of their history's, above: the loss sets it, it is not a mask."""
+    m = make('ar-seen')
+    with torch.no_grad():
+        m.seen_bias.zero_()
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for step in range(40):
+        b = random_batch(n_real=(6, 6, 6, 6), seed=step)  # distinct ids: no target is in its history
+        if repeat:  # the next item is one of the history's
+            b['target'][0][:] = b['hist'][0][torch.arange(4), torch.randint(0, 6, (4,), generator=g)]
+        loss = m.loss(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m.seen_bias.item() > 0.2) if repeat else (m.seen_bias.item() < -0.2), m.seen_bias.item()
