@@ -232,7 +232,7 @@ class UserEncoder(nn.Module):
 
     def logits(self, h, f, seen=None):
         """(..., C) -> (..., V_f + n_extra_ids) logits of feature f; padding and [MASK] columns are -inf.
-        seen (..., S): the item ids each output has seen (0 = none), for the seen bias (feature 0 only)."""
+        seen (..., S): the item ids each output has seen (0 = none); needed for feature 0 when there is a seen bias."""
         table = self.trunk.wte[f].weight  # (V_f + n_extra_ids, d_f): the input table itself, tied
         logits = self.proj[f](h) @ table.T
         if f == 0 and self.seen_bias is not None:

@@ -101,8 +101,9 @@ def apply_strategy(model, strategy):
     for name, p in model.named_parameters():
         if name.startswith(("llm.xattn", "perceiver.", "soft_prompt.", "recency.")):
             p.requires_grad = True  # fusion
-        elif name.startswith("encoder."):  # not its pretraining heads: the LLM's loss never reaches them (DDP would
-            p.requires_grad = (strategy != "proj" and model.fusion != "none"  # stop at a trained, unused parameter)
+        elif name.startswith("encoder."):
+            # not its pretraining heads: the LLM's loss never reaches them (and DDP stops at an unused trained one)
+            p.requires_grad = (strategy != "proj" and model.fusion != "none"
                                and name.split(".")[1] not in model.encoder.heads)
         elif "lora_" in name:
             p.requires_grad = strategy == "lora"
