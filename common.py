@@ -454,7 +454,11 @@ class Run:
         if "data" in self.extra:
             check_data(ckpt.get("data"), self.extra["data"], path)
         load_weights(self.model, ckpt["model"], path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # another split of the parameters into groups: another strategy, lr multipliers
+            raise SystemExit(f"{path}: its optimizer state does not fit this run's trained parameters (another "
+                             f"strategy or learning-rate multiplier, or an older version?): {e}")
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if self.ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:

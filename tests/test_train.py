@@ -61,6 +61,14 @@ def test_resume_is_exact(small, tmp_path):
     assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "ckpt.pt", "config.json", "log.jsonl"]
 
 
+def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(small, tmp_path):
+    """Resuming with the parameters split differently (here the seen bias's own learning rate; in train_llm.py
+    another strategy) is a one-line error, not a traceback."""
+    run_encoder(small, tmp_path / "a", "--max_steps=1", "--seen_bias=True", "--seen_bias_lr_mult=1.0")
+    with pytest.raises(SystemExit, match="optimizer state does not fit this run's trained parameters"):
+        run_encoder(small, tmp_path / "a", "--max_steps=2", "--seen_bias=True", "--init_from=resume")
+
+
 def test_nothing_is_written_before_the_config_is_valid(small, tmp_path):
     with pytest.raises(SystemExit, match="init_from must be 'scratch' or 'resume', got 'latest'"):
         run_encoder(small, tmp_path / "a", "--init_from=latest")
