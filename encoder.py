@@ -235,9 +235,8 @@ class UserEncoder(nn.Module):
         seen (..., S): the item ids each output has seen (0 = none); needed for feature 0 when there is a seen bias."""
         table = self.trunk.wte[f].weight  # (V_f + n_extra_ids, d_f): the input table itself, tied
         logits = self.proj[f](h) @ table.T
-        if f == 0 and self.seen_bias is not None:
-            cols = seen.masked_fill(seen == 0, -1)
-            logits = logits + self.seen_bias * seen_mask(cols.flatten(0, -2), len(table)).view(logits.shape)
+        if f == 0 and self.seen_bias is not None:  # padding's id 0 marks column 0, -inf below
+            logits = logits + self.seen_bias * seen_mask(seen.flatten(0, -2), len(table)).view(logits.shape)
         ids = torch.arange(table.shape[0], device=h.device)
         return logits.masked_fill((ids == 0) | (ids >= self.cfg.vocab_sizes[f]), float('-inf'))
 
@@ -357,8 +356,8 @@ class DualEncoder(nn.Module):
         e = self.label_emb.weight
         e = e + self.label_mlp(e)  # (L, C): the label tower, applied to every label at once
         s = torch.einsum('bkc,lc->bkl', u, e).amax(1)  # (B, L): each label scored by its best-matching user embedding
-        if self.seen_bias is not None:
-            s = s + self.seen_bias * seen_mask(hist[0].masked_fill(hist[0] == 0, -1), s.shape[1])
+        if self.seen_bias is not None:  # padding's id 0 marks column 0, -inf below
+            s = s + self.seen_bias * seen_mask(hist[0], s.shape[1])
         return s.masked_fill(torch.arange(s.shape[1], device=s.device) == 0, float('-inf'))
 
     def loss(self, batch):
