@@ -127,11 +127,12 @@ def test_two_processes_equal_one(small, tmp_path, script):
     args = [os.path.join(ROOT, name), f"--data_dir={small}", *shape, "--batch_size=16", "--log_interval=1",
             "--max_steps=4", "--eval_interval=2", "--grad_accum=2", "--warmup_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count, so the same summation order in every matmul
-    subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'one'}"], check=True, cwd=ROOT, env=env,
-                   capture_output=True, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    subprocess.run([*torchrun, *args, f"--out_dir={tmp_path / 'two'}"], check=True, cwd=ROOT, env=env,
-                   capture_output=True, timeout=300)
+    # --standalone: torchrun picks a free port (a fixed one can still be held by the previous case's processes)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
+        r = subprocess.run([*cmd, *args, f"--out_dir={tmp_path / out}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
     assert log_rows(tmp_path / "one") == log_rows(tmp_path / "two")  # every loss and validation line, exactly
     assert set(losses(tmp_path / "one")) == {1, 2, 3, 4}
     a, b = (load_checkpoint(str(tmp_path / x / "ckpt.pt")) for x in ("one", "two"))
