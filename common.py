@@ -161,7 +161,7 @@ def setup_distributed(device="auto", dtype="auto", seed=1337):
         dtype = "float32" if device.type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"config: dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
-    torch.manual_seed(seed)  # the same seed on every rank: identical initial weights, identical dropout streams
+    torch.manual_seed(seed)  # the same seed on every rank: identical initial weights (training draws: seed_all)
     return Context(rank, local_rank, world, device, getattr(torch, dtype))
 
 
@@ -186,7 +186,8 @@ def shard_batches(targets, batch_size, ctx=None):
     """This rank's evaluation batches: the batches one process would make, dealt round-robin to the ranks, so that
     every batch (and so every reported number) is the same whatever the world size."""
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    return [targets[i:i + batch_size] for i in range(rank * batch_size, len(targets), world * batch_size)]
+    return [(i // batch_size, targets[i:i + batch_size])
+            for i in range(rank * batch_size, len(targets), world * batch_size)]
 
 
 def seeded_subset(targets, n, seed):
@@ -200,7 +201,7 @@ def seeded_subset(targets, n, seed):
 def evaluate_loss(model, make_batch, targets, ctx, batch_size=64):
     """Mean answer-token loss of a UserLLM over `targets` (all ranks pass the same; each evaluates its batches)."""
     total, n = 0.0, 0
-    for ids in shard_batches(targets, batch_size, ctx):
+    for _, ids in shard_batches(targets, batch_size, ctx):
         total += model(make_batch(ids)).item() * len(ids)
         n += len(ids)
     total, n = all_reduce_sum([total, n], ctx)
@@ -221,16 +222,19 @@ def ranking_metrics(scores, target, ks=(1, 5, 10)):
 
 
 @torch.no_grad()
-def evaluate_ranking(score_fn, d, targets, seq_len, label="item", batch_size=256, device="cpu", loss_fn=None, ctx=None):
+def evaluate_ranking(score_fn, d, targets, seq_len, label="item", batch_size=256, device="cpu", loss_fn=None, ctx=None,
+                     seed=0):
     """Mean ranking metrics of score_fn(hist) -> (B, V) over the examples `targets` (label 'item' or 'fav'), plus the
-    mean loss_fn(batch) if given. With a distributed ctx, all ranks pass the same targets, each evaluates its share of
-    the batches, and all get the global means (the same numbers as one process)."""
+    mean loss_fn(batch) if given (its random draws, Bert4Rec's masks, seeded by (seed, batch)). With a distributed
+    ctx, all ranks pass the same targets, each evaluates its share of the batches, and all get the global means (the
+    same numbers as one process)."""
     sums, n = {}, 0
-    for ids in shard_batches(targets, batch_size, ctx):
+    for b, ids in shard_batches(targets, batch_size, ctx):
         batch = to_device(d.batch(ids, seq_len), device)
         y = batch["target"][0] if label == "item" else batch["fav"]
         metrics = ranking_metrics(score_fn(batch["hist"]), y)
         if loss_fn is not None:
+            seed_all(seed, 1, b)
             metrics["loss"] = loss_fn(batch).item()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v * len(y)
@@ -350,14 +354,21 @@ TRAIN_DEFAULTS = dict(
 
 
 def micro_batch_targets(global_targets, ctx, grad_accum):
-    """This rank's micro-batches of the global batch at `step`. The global batch is split into grad_accum equal chunks
-    whatever the world size, and rank r takes chunks r, r + W, ...: so W processes compute exactly what 1 process
-    does."""
+    """This rank's micro-batches of the global batch at `step`, as (chunk index, example ids). The global batch is
+    split into grad_accum equal chunks whatever the world size, and rank r takes chunks r, r + W, ...: so W processes
+    compute exactly what 1 process does."""
     if grad_accum % ctx.world_size or len(global_targets) % grad_accum:
         raise SystemExit(f"config: grad_accum={grad_accum} must be a multiple of the world size {ctx.world_size} and "
                          f"divide batch_size={len(global_targets)}")
     chunks = global_targets.reshape(grad_accum, -1)
-    return [chunks[c] for c in range(ctx.rank, grad_accum, ctx.world_size)]
+    return [(c, chunks[c]) for c in range(ctx.rank, grad_accum, ctx.world_size)]
+
+
+def seed_all(*key):
+    """Seed torch's generators (CPU and every GPU) from a key of non-negative ints: every random draw of a training
+    micro-batch (dropout, Bert4Rec's masks) is a function of (seed, step, chunk), and of a validation batch of
+    (seed, batch), so any world size and any resume point compute the same numbers."""
+    torch.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]))
 
 
 def check_train_config(cfg):
@@ -440,16 +451,14 @@ class Run:
     cpu_s: float = 0.0  # CPU-seconds spent in training steps so far (all threads; validation not counted)
 
     def save(self, path):
-        rng = {"cpu": torch.get_rng_state()}
-        if self.ctx.device.type == "cuda":
-            rng["cuda"] = [torch.cuda.get_rng_state()]
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scaler": self.scaler.state_dict(), "step": self.step, "best": self.best,
-                         "metrics": self.metrics, "cpu_s": self.cpu_s, "config": vars(self.cfg), "rng": rng,
+                         "metrics": self.metrics, "cpu_s": self.cpu_s, "config": vars(self.cfg),
                          **self.extra}, path)
 
     def restore(self, path):
-        """Continue from a checkpoint of this run (weights, optimizer, scaler, RNGs, step), trained on this data."""
+        """Continue from a checkpoint of this run (weights, optimizer, scaler, step), trained on this data. No RNG state:
+        every random draw is seeded by (seed, step, chunk) (seed_all)."""
         ckpt = load_checkpoint(path, map_location=self.ctx.device)
         if "data" in self.extra:
             check_data(ckpt.get("data"), self.extra["data"], path)
@@ -460,10 +469,6 @@ class Run:
             raise SystemExit(f"{path}: its optimizer state does not fit this run's trained parameters (another "
                              f"strategy or learning-rate multiplier, or an older version?): {e}")
         self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if self.ctx.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            cuda = ckpt["rng"]["cuda"]
-            torch.cuda.set_rng_state(cuda[min(self.ctx.rank, len(cuda) - 1)].cpu())
         self.step, self.best, self.metrics = ckpt["step"], ckpt["best"], ckpt["metrics"]
         self.cpu_s = ckpt.get("cpu_s", 0.0)
 
@@ -503,8 +508,9 @@ def validate(run, evaluate, select, log):
 def accumulate_gradients(model, micro, make_batch, run):
     """Forward + backward over this rank's micro-batches of the step; returns the global-batch mean loss."""
     loss_sum = 0.0
-    for i, ids in enumerate(micro):
+    for i, (chunk, ids) in enumerate(micro):
         batch = make_batch(ids)
+        seed_all(run.cfg.seed, 0, run.step, chunk)
         sync = i == len(micro) - 1  # DDP all-reduces gradients only on the last micro-step
         with (contextlib.nullcontext() if sync or run.ctx.world_size == 1 else model.no_sync()), run.ctx.autocast():
             loss = model(batch) / len(micro)  # the mean over this rank's micro-batches; DDP then averages the ranks

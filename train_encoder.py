@@ -37,7 +37,7 @@ def main(argv):
         global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
         make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
         evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, enc_cfg.label, device=ctx.device,
-                                            loss_fn=m.loss, ctx=ctx),
+                                            loss_fn=m.loss, ctx=ctx, seed=cfg.seed),
         select=Selection("recall@10", higher_is_better=True),
         extra={"encoder_config": dataclasses.asdict(enc_cfg), "data": d.fingerprint()},
         units_per_example=cfg.seq_len,

@@ -91,19 +91,20 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
 def test_evaluation_batches_do_not_depend_on_world_size():
     """Each rank evaluates whole batches of the single-process split, so every batch's numbers are the same."""
     ids = np.arange(23)
-    one = [b.tolist() for b in shard_batches(ids, 5)]
+    one = [(i, b.tolist()) for i, b in shard_batches(ids, 5)]
+    assert [i for i, _ in one] == [0, 1, 2, 3, 4]
     for world in (2, 3, 7):
         shards = [shard_batches(ids, 5, Context(r, r, world, torch.device("cpu"), torch.float32)) for r in range(world)]
-        assert sorted(b.tolist() for s in shards for b in s) == sorted(one)
+        assert sorted((i, b.tolist()) for s in shards for i, b in s) == one
 
 
 def test_micro_batches_do_not_depend_on_world_size():
     ids = np.arange(12)
     one = micro_batch_targets(ids, Context(0, 0, 1, torch.device("cpu"), torch.float32), 4)
     two = [micro_batch_targets(ids, Context(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
-    assert [c.tolist() for c in one] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    assert [c.tolist() for c in two[0]] == [[0, 1, 2], [6, 7, 8]]
-    assert [c.tolist() for c in two[1]] == [[3, 4, 5], [9, 10, 11]]
+    assert [(i, c.tolist()) for i, c in one] == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8]), (3, [9, 10, 11])]
+    assert [(i, c.tolist()) for i, c in two[0]] == [(0, [0, 1, 2]), (2, [6, 7, 8])]
+    assert [(i, c.tolist()) for i, c in two[1]] == [(1, [3, 4, 5]), (3, [9, 10, 11])]
     with pytest.raises(SystemExit, match="multiple of the world size"):
         micro_batch_targets(ids, Context(0, 0, 2, torch.device("cpu"), torch.float32), 3)
 

@@ -43,10 +43,11 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in log_rows(out_dir) if "loss" in r}
 
 
-def test_resume_is_exact(small, tmp_path):
-    """6 steps == 3 steps + kill + resume + 3 steps, bit for bit (dropout on: the RNG state must be restored too), with
+@pytest.mark.parametrize("kind", ["ar", "bert4rec"])
+def test_resume_is_exact(small, tmp_path, kind):
+    """6 steps == 3 steps + kill + resume + 3 steps, bit for bit (dropout on, and Bert4Rec's random masks), with
     the same log: no step twice, no validation lost; a killed save's temporary file is removed."""
-    common = ["--dropout=0.2", "--lr_decay_steps=6", "--eval_interval=3", "--warmup_steps=2"]
+    common = ["--dropout=0.2", "--lr_decay_steps=6", "--eval_interval=3", "--warmup_steps=2", f"--kind={kind}"]
     run_encoder(small, tmp_path / "a", "--max_steps=6", *common)
     run_encoder(small, tmp_path / "b", "--max_steps=3", *common)
     with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a run killed after logging step 4, mid-save of a checkpoint
@@ -59,6 +60,15 @@ def test_resume_is_exact(small, tmp_path):
     assert log_rows(tmp_path / "a") == log_rows(tmp_path / "b")
     assert [r["step"] for r in log_rows(tmp_path / "a") if "val_loss" in r] == [0, 3, 6]
     assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "ckpt.pt", "config.json", "log.jsonl"]
+
+
+def test_validation_does_not_change_training(small, tmp_path):
+    """How often a run validates changes none of its training steps: validation's random draws (Bert4Rec's cloze
+    masks in its loss) are seeded apart from training's."""
+    common = ["--kind=bert4rec", "--dropout=0.2", "--max_steps=6", "--warmup_steps=2"]
+    run_encoder(small, tmp_path / "a", "--eval_interval=3", *common)
+    run_encoder(small, tmp_path / "b", "--eval_interval=1", *common)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
 def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(small, tmp_path):
@@ -110,12 +120,16 @@ def test_every_script_answers_help(script, capsys):
     assert e.value.code == 0 and module.__doc__.strip().splitlines()[0] in out and "--seed" in out
 
 
-TINY_RUNS = {  # the same global batch (16), split in 2 micro-batches: one per rank under torchrun
-    "encoder": ["train_encoder.py", "--n_layer=1", "--n_embd=32", "--feature_dims=(16, 8, 8)", "--dropout=0.0",
+TINY_RUNS = {  # the same global batch (16), split in 2 micro-batches: one per rank under torchrun; dropout on
+    "encoder": ["train_encoder.py", "--n_layer=1", "--n_embd=32", "--feature_dims=(16, 8, 8)", "--dropout=0.1",
                 "--eval_examples=300"],  # validation spans two batches: one for each rank
+    # Bert4Rec: random cloze masks in training and in validation's loss
+    "bert4rec": ["train_encoder.py", "--kind=bert4rec", "--n_layer=1", "--n_embd=32", "--feature_dims=(16, 8, 8)",
+                 "--dropout=0.1", "--eval_examples=300"],
     # User-LLM, Full, with the encoder's pretraining heads in the model: every trained parameter must get a gradient
     "llm": ["train_llm.py", "--n_layer=1", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1",
-            "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", "--strategy=full", "--eval_examples=64"],
+            "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", "--strategy=full", "--eval_examples=64",
+            "--dropout=0.1"],
 }
 
 
