@@ -1,50 +1,69 @@
 """
-Pretrain a user encoder (paper Sec 3.1, App. A, App. C): the User-LLM autoregressive encoder (kind='ar'), or the
-baselines Bert4Rec (kind='bert4rec') and Dual Encoder (kind='dual').
+Pretrain a user encoder (paper Sec 3.1, App. A; optimisation: App. C): User-LLM's autoregressive
+encoder (kind='ar'), or the baselines Bert4Rec (kind='bert4rec') and Dual Encoder (kind='dual').
 
-    python data.py                                           # the synthetic default, written to data/synthetic
-    python train_encoder.py configs/synthetic_enc.py         # a few minutes on a laptop CPU
-    python train_encoder.py configs/ml20m.py                 # the paper's MovieLens encoder (GPU)
-    torchrun --nproc_per_node=8 train_encoder.py configs/ml20m.py
+    python data.py && python train_encoder.py configs/synthetic_enc.py   # CPU, about 2 minutes
+    torchrun --nproc_per_node=8 train_encoder.py configs/ml20m.py        # MovieLens-20M
 
-Validation (all ranks): next-event loss and next-item Recall@10 (favourite-genre Recall@10 for a 'fav' DualEnc) on the
-validation split; the best checkpoint by that Recall is out_dir/best.pt, the latest is out_dir/ckpt.pt.
+Each validation (all ranks) measures the next-event loss and next-item Recall@10 on the validation
+split; out_dir/best.pt is the best checkpoint by that Recall, out_dir/ckpt.pt the latest.
 """
 import dataclasses
 import os
-import sys
+import time
 
-from common import (Selection, adamw, check_train_config, cleanup_distributed, configure, evaluate_ranking,
-                    seeded_subset, setup_distributed, to_device, train)
+from common import (Run, adamw, all_reduce_sum, clip_and_step, evaluate_ranking, evaluating,
+                    get_lr, micro_batches, no_sync, seed_all, seeded_subset, set_lr, setup,
+                    teardown, to_device)
+from config import cli, configure
 from data import UserData, batch_targets
 from encoder import DEFAULTS, encoder_config, make_encoder
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
-    check_train_config(cfg)
-    ctx = setup_distributed(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
-    enc_cfg = encoder_config(cfg, d.vocab_sizes)
-    model = make_encoder(enc_cfg).to(ctx.device)
-    if ctx.master:
-        print(f"{cfg.kind} encoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-              f"config: {vars(cfg)}")
+    model = make_encoder(encoder_config(cfg, d.vocab_sizes)).to(rt.device)
+    if rt.master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.kind} encoder: {n_params / 1e6:.2f}M parameters; config: {vars(cfg)}")
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2),
+                      lr_mult={"seen_bias": cfg.seen_bias_lr_mult})
+    run = Run(cfg, rt, model, optimizer, select="recall@10", units_per_example=cfg.seq_len,
+              extra={"encoder_config": dataclasses.asdict(model.cfg), "data": d.fingerprint()})
     train_targets = d.targets("train", cfg.min_history)
-    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all of them
-    train(
-        cfg, ctx, model, adamw(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), {"seen_bias": cfg.seen_bias_lr_mult}),
-        global_batch=lambda step: batch_targets(train_targets, step, cfg.batch_size, cfg.seed),
-        make_batch=lambda ids: to_device(d.batch(ids, cfg.seq_len), ctx.device),
-        evaluate=lambda m: evaluate_ranking(m.scores, d, val_targets, cfg.seq_len, enc_cfg.label, device=ctx.device,
-                                            loss_fn=m.loss, ctx=ctx, seed=cfg.seed),
-        select=Selection("recall@10", higher_is_better=True),
-        extra={"encoder_config": dataclasses.asdict(enc_cfg), "data": d.fingerprint()},
-        units_per_example=cfg.seq_len,
-        watch=lambda: {} if model.seen_bias is None else {"seen_bias": model.seen_bias.item()},  # logged as it learns
-    )
-    cleanup_distributed(ctx)
+    val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all
+    train_model = run.wrap(model)  # compiled and/or DDP
+    while True:
+        lr = get_lr(run.step, cfg)
+        set_lr(optimizer, lr)
+        if run.due():  # validate, log, save ckpt.pt (and best.pt)
+            with evaluating(model, rt):
+                run.validated_with(evaluate_ranking(
+                    model.scores, d, val_targets, cfg.seq_len, model.cfg.label, device=rt.device,
+                    loss_fn=model.loss, rt=rt, seed=cfg.seed))
+        if run.step == cfg.max_steps:
+            break
+        cpu0 = time.process_time()
+        ids = batch_targets(train_targets, run.step, cfg.batch_size, cfg.seed)  # the global batch
+        micro = micro_batches(ids, rt, cfg.grad_accum)  # this rank's share, (chunk, ids) each
+        loss = 0.0
+        for i, (chunk, micro_ids) in enumerate(micro):
+            batch = to_device(d.batch(micro_ids, cfg.seq_len), rt.device)
+            seed_all(cfg.seed, 0, run.step, chunk)  # dropout, masks: the same for any world size
+            with no_sync(train_model, sync=i == len(micro) - 1), rt.autocast():
+                micro_loss = train_model(batch) / len(micro)
+            run.scaler.scale(micro_loss).backward()
+            loss += micro_loss.item()
+        loss = all_reduce_sum([loss], rt)[0] / rt.world_size  # the global batch's mean loss
+        run.check_finite(loss)
+        clip_and_step(optimizer, run.scaler, model, cfg.grad_clip)
+        seen_bias = {} if model.seen_bias is None else {"seen_bias": model.seen_bias.item()}
+        run.stepped(loss, lr, time.process_time() - cpu0, seen_bias)
+    run.close()
+    teardown(rt)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

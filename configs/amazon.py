@@ -1,7 +1,6 @@
-# Amazon Review Movies_and_TV encoder pretraining (paper Sec 4.1, App. C): item/category/rating features, N = 50 events.
+# Amazon Review Movies_and_TV: encoder pretraining (paper Sec 4.1, App. C).
 # python data.py --dataset=amazon_movies --download=True
 # torchrun --nproc_per_node=8 train_encoder.py configs/amazon.py
-# The MovieLens encoder's shape and optimisation (configs/ml20m.py), on Amazon's data and for fewer steps.
 exec(open("configs/ml20m.py").read())
 out_dir = "out/amazon-enc"
 dataset = "amazon_movies"

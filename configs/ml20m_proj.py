@@ -1,4 +1,4 @@
-# ml20m_enc.py with the proj strategy (Sec 3.2.3).
+# MovieLens-20M next item: ml20m_enc.py with strategy Proj (Sec 3.2.3).
 exec(open("configs/ml20m_enc.py").read())
 out_dir = "out/ml20m-proj-llm"
 strategy = "proj"

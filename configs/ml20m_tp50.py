@@ -1,4 +1,4 @@
-# The TextPrompt baseline TP50: no user encoder, the last 50 events as text in the prompt, GPT-2 fully fine-tuned.
+# MovieLens-20M next item: TextPrompt TP50, the last 50 events as text, GPT-2 Full.
 exec(open("configs/ml20m_enc.py").read())
 out_dir = "out/ml20m-tp50-llm"
 fusion = "none"

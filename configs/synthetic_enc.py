@@ -1,5 +1,5 @@
-# The embedded default on a laptop CPU: pretrain the User-LLM AR encoder on data/synthetic (python data.py first).
-# python train_encoder.py configs/synthetic_enc.py        (Bert4Rec / DualEnc: add --kind=bert4rec / --kind=dual)
+# The synthetic default, step 1: pretrain the AR encoder (python data.py first).
+# python train_encoder.py configs/synthetic_enc.py   (baselines: --kind=bert4rec / dual)
 out_dir = "out/synthetic-enc"
 dataset = "synthetic"
 seq_len = 50

@@ -8,7 +8,7 @@
 # library reference is. One CPU thread per run, about 1.6 hours per seed (0.7 of it evaluating the three LLMs); a
 # finished run (out_dir/done) is skipped. Needs the data first:
 #     ../shared/datasets/ml100k.sh data/raw/ml100k && python data.py --dataset=ml100k --raw_dir=data/raw/ml100k
-# The table: python eval.py --summary=True --runs='out/ml100k-s*/*'
+# The table: python report.py --summary=True --runs='out/ml100k-s*/*'
 set -e
 source "$(dirname "$0")/run.sh"
 EVAL_EXAMPLES=0  # every test user
@@ -23,4 +23,4 @@ for seed in "$@"; do
     run $o/userllm train_llm.py configs/ml100k_llm.py --seed=$seed $pair
     run $o/enc-strategy train_llm.py configs/ml100k_llm.py --seed=$seed $pair --strategy=enc
 done
-python eval.py --summary=True --runs='out/ml100k-s*/*'
+python report.py --summary=True --runs='out/ml100k-s*/*'

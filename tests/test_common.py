@@ -1,64 +1,20 @@
-"""The shared plumbing: config mechanism, LR schedule, checkpoint I/O, world-size-independent micro-batching."""
+"""common.py: LR schedule, checkpoint I/O, world-size-independent batches, AdamW groups, the ranking metrics and
+the results table."""
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from common import (Context, adamw, configure, get_lr, load_checkpoint, load_weights, micro_batch_targets,
-                    save_checkpoint, shard_batches)
-
-DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
-
-
-def test_config_file_and_overrides(tmp_path):
-    f = tmp_path / "c.py"
-    f.write_text("import math\nlr = 3e-4\nmax_steps = 7\n_private = 1\n")
-    cfg = configure(DEFAULTS, [str(f), "--lr=1", "--dataset=ml20m", "--compile=True", "--dims=[8, 4]", "--init=None"])
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # int -> float
-    assert cfg.max_steps == 7 and cfg.dataset == "ml20m" and cfg.compile is True and cfg.dims == (8, 4)
-    assert cfg.init is None
-
-
-def test_config_typo_names_the_key(tmp_path):
-    with pytest.raises(SystemExit, match="unknown key 'lrr'.*did you mean 'lr'"):
-        configure(DEFAULTS, ["--lrr=1"])
-    f = tmp_path / "c.py"
-    f.write_text("max_step = 3\n")
-    with pytest.raises(SystemExit, match="unknown key 'max_step' in .*c.py"):
-        configure(DEFAULTS, [str(f)])
-
-
-def test_config_type_errors():
-    with pytest.raises(SystemExit, match="'max_steps' expects int"):
-        configure(DEFAULTS, ["--max_steps=1.5"])
-    with pytest.raises(SystemExit, match="'compile' expects True/False"):
-        configure(DEFAULTS, ["--compile=3"])
-    with pytest.raises(SystemExit, match="expected --key=value"):
-        configure(DEFAULTS, ["--lr", "1"])
-
-
-def test_config_file_errors_are_one_line(tmp_path):
-    """A config file that is not valid Python, or fails when run, is one line: file, line, what is wrong."""
-    f = tmp_path / "c.py"
-    f.write_text("lr = 3e-4\nmax_steps = (7\n")
-    with pytest.raises(SystemExit, match=r"^config: .*c.py:2: .*(never closed|invalid syntax)"):
-        configure(DEFAULTS, [str(f)])
-    f.write_text("lr = 3e-4\n\nmax_steps = steps * 2\n")
-    with pytest.raises(SystemExit, match=r"^config: .*c.py:3: NameError: name 'steps' is not defined$"):
-        configure(DEFAULTS, [str(f)])
-
-
-def test_help_lists_every_key_with_its_default(capsys):
-    with pytest.raises(SystemExit) as e:
-        configure(DEFAULTS, ["--lr=1", "-h"], "Train something.\n")
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("Train something.")
-    assert "--max_steps" in out and "100" in out and "(64, 16)" in out and "'synthetic'" in out
+from common import (Runtime, adamw, get_lr, load_checkpoint, load_weights, micro_batches, print_table,
+                    ranking_metrics, save_checkpoint, shard_batches)
+from config import UserError
 
 
 def test_lr_schedule():
-    lrs = [get_lr(s, 1.0, 10, 110, 0.1) for s in range(120)]
+    cfg = types.SimpleNamespace(lr=1.0, warmup_steps=10, lr_decay_steps=110, max_steps=200, min_lr=0.1)
+    lrs = [get_lr(s, cfg) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
     assert lrs[110] == lrs[119] == 0.1 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -71,19 +27,19 @@ def test_checkpoint_roundtrip_and_bad_file(tmp_path):
     ck = load_checkpoint(path)
     assert ck["step"] == 5 and torch.equal(ck["model"]["w"], torch.arange(3.0))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(str(tmp_path / "bad.pt"))
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x02garbage")  # a pickle stream, but not one of a checkpoint
-    with pytest.raises(SystemExit, match="cannot read checkpoint .*pickle.pt: not a checkpoint, or a damaged one$"):
+    with pytest.raises(UserError, match="cannot read checkpoint .*pickle.pt: not a checkpoint, or a damaged one$"):
         load_checkpoint(str(tmp_path / "pickle.pt"))
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"f": math.sqrt}, path)  # a pickled function: weights_only=True must refuse it
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         load_checkpoint(str(path))
     assert str(e.value) == f"{path} is not a plain weights checkpoint and was not loaded: loading it could run code"
 
@@ -94,19 +50,19 @@ def test_evaluation_batches_do_not_depend_on_world_size():
     one = [(i, b.tolist()) for i, b in shard_batches(ids, 5)]
     assert [i for i, _ in one] == [0, 1, 2, 3, 4]
     for world in (2, 3, 7):
-        shards = [shard_batches(ids, 5, Context(r, r, world, torch.device("cpu"), torch.float32)) for r in range(world)]
+        shards = [shard_batches(ids, 5, Runtime(r, r, world, torch.device("cpu"), torch.float32)) for r in range(world)]
         assert sorted((i, b.tolist()) for s in shards for i, b in s) == one
 
 
 def test_micro_batches_do_not_depend_on_world_size():
     ids = np.arange(12)
-    one = micro_batch_targets(ids, Context(0, 0, 1, torch.device("cpu"), torch.float32), 4)
-    two = [micro_batch_targets(ids, Context(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
+    one = micro_batches(ids, Runtime(0, 0, 1, torch.device("cpu"), torch.float32), 4)
+    two = [micro_batches(ids, Runtime(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
     assert [(i, c.tolist()) for i, c in one] == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8]), (3, [9, 10, 11])]
     assert [(i, c.tolist()) for i, c in two[0]] == [(0, [0, 1, 2]), (2, [6, 7, 8])]
     assert [(i, c.tolist()) for i, c in two[1]] == [(1, [3, 4, 5]), (3, [9, 10, 11])]
-    with pytest.raises(SystemExit, match="multiple of the world size"):
-        micro_batch_targets(ids, Context(0, 0, 2, torch.device("cpu"), torch.float32), 3)
+    with pytest.raises(UserError, match="multiple of the world size"):
+        micro_batches(ids, Runtime(0, 0, 2, torch.device("cpu"), torch.float32), 3)
 
 
 def test_adamw_groups_and_lr_multipliers():
@@ -122,5 +78,26 @@ def test_adamw_groups_and_lr_multipliers():
 
 def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     model = torch.nn.Linear(3, 4)
-    with pytest.raises(SystemExit, match=r"ckpt.pt does not fit this model: .*size mismatch"):
+    with pytest.raises(UserError, match=r"ckpt.pt does not fit this model: .*size mismatch"):
         load_weights(model, torch.nn.Linear(3, 5).state_dict(), "ckpt.pt")
+
+
+def test_ranking_metrics_against_brute_force():
+    torch.manual_seed(0)
+    scores = torch.randn(50, 30)
+    scores[:, 0] = -float("inf")
+    target = torch.randint(1, 30, (50,))
+    m = ranking_metrics(scores, target)
+    ranks = [(scores[b] > scores[b, target[b]]).sum().item() for b in range(50)]
+    assert m["recall@5"] == pytest.approx(np.mean([r < 5 for r in ranks]))
+    assert m["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(r + 2) if r < 10 else 0 for r in ranks]))
+    flat = ranking_metrics(torch.zeros(4, 10), torch.tensor([1, 2, 3, 4]))
+    assert flat["recall@5"] == 0.0  # ties count against the target: a constant scorer gets no credit
+
+
+def test_results_table_shows_every_rows_metrics(capsys):
+    """A model's row may hold metrics the reference rows lack (beam_recall@k): every row's metrics are printed."""
+    print_table({"User-LLM": {"beam_recall@10": 0.25}, "most popular": {"recall@10": 0.0625}})
+    header, model, popular = capsys.readouterr().out.splitlines()
+    assert header.split() == ["beam_recall@10", "recall@10"]
+    assert model.split() == ["User-LLM", "0.2500"] and popular.split() == ["most", "popular", "0.0625"]

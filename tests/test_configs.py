@@ -7,7 +7,7 @@ import pytest
 import data
 import train_encoder
 import train_llm
-from common import configure
+from config import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLM = {"ml20m_", "amazon_", "google_", "synthetic_llm", "synthetic_gpt", "ml100k_"}

@@ -1,0 +1,40 @@
+"""eval.py: the plain ranking (one forward per title) equals the fast trie ranking, score for score and metric
+for metric; an encoder checkpoint's table holds most popular and the oracle."""
+import pytest
+import torch
+
+import eval as evaluation
+from conftest import tiny_llm
+from data import Prompter, get_tokenizer
+from decode import answer_logprobs
+from test_decode import ANSWERS, EOT, model_and_context
+from userllm import build_model
+
+
+@pytest.mark.parametrize("kind", ["xattn", "soft_prompt", "none"])
+def test_title_logprobs_equal_the_trie_scores(kind):
+    """title_logprobs, the form a reader meets first (a forward over prompt + title for every title), gives the
+    trie's numbers, with a user context of each kind; a changed answer changes its score."""
+    model, context = model_and_context(kind)
+    idx = torch.randint(0, EOT, (3, 7))
+    plain = evaluation.title_logprobs(model, idx, context, ANSWERS)
+    torch.testing.assert_close(plain, answer_logprobs(model, idx, context, ANSWERS), atol=1e-5, rtol=1e-5)
+    other = evaluation.title_logprobs(model, idx, context, [[5, 6, 9, EOT]] + ANSWERS[1:])
+    assert not torch.allclose(other[:, 0], plain[:, 0]) and torch.equal(other[:, 1:], plain[:, 1:])
+
+
+def test_evaluate_llm_is_the_same_with_and_without_the_trie(small):
+    """The whole next-item evaluation of a User-LLM (random weights, gates open) gives the same metrics through
+    --fast=True and --fast=False."""
+    torch.manual_seed(0)
+    tok = get_tokenizer("scratch")
+    model = build_model(tiny_llm(strategy="full"), small, tok).eval()
+    with torch.no_grad():
+        for blk in model.llm.xattn.values():
+            blk.gate_attn.fill_(1.0)
+    prompter = Prompter(small, tok, "next_item", 0, 512, 64)
+    targets = small.targets("test")[:24]
+    fast, plain = (evaluation.evaluate_llm(model, prompter, small, targets, 10, "cpu", batch_size=8, beam=0,
+                                           fast=f) for f in (True, False))
+    assert set(fast) == {"recall@1", "recall@5", "recall@10", "ndcg@10"}
+    assert fast == pytest.approx(plain, abs=1e-9)
