@@ -40,8 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import encoder
 import userllm
-from common import (cpu_sdpa_flops, peak_flops, print_table, seeded_subset, six_nd, time_train_step,
-                    to_device)
+from common import (cpu_has_bf16, cpu_sdpa_flops, peak_flops, print_table, seeded_subset, six_nd,
+                    time_train_step, to_device)
 from config import UserError, cli, configure
 from data import Prompter, UserData, batch_targets, get_tokenizer
 from encoder import EncoderConfig, encoder_config, history_positions, make_encoder
@@ -413,6 +413,11 @@ def main(argv):
     if cfg.prepare:
         return bench_prepare(cfg)
     if cfg.dtype:
+        if not cpu_has_bf16():
+            print("bench.py --dtype=True: skipped. This CPU has no native bf16 (no avx512_bf16 or "
+                  "amx_bf16 in torch.cpu.get_capabilities()), so bf16 autocast is emulated: its "
+                  "matmuls run 10-100x slower than float32 and the timing would take hours")
+            return []
         rows = bench_dtype(dtype_cases(cfg.gpt2_batch, cfg.gpt2_len), cfg.steps)
         caps = torch.cpu.get_capabilities()
         print_table(rows, f"forward + backward per step, fp32 against bf16 autocast, CPU "

@@ -18,6 +18,7 @@ The training loop itself is in each script (train_encoder.py, train_llm.py), top
 nanoGPT.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import UserError
+from config import UserError, at_least, fraction, one_of
 from data import UserData, popularity
 from sources import oracle_recall
 
@@ -43,6 +44,17 @@ TRAIN_DEFAULTS = dict(
     lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, beta2=0.95, grad_clip=1.0,
     eval_interval=200, eval_examples=2000, log_interval=20, seed=1337,
     device="auto", dtype="auto", compile=False,
+)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps") + tuple(f"cuda:{i}" for i in range(16))
+TRAIN_RULES = dict(  # the allowed values of TRAIN_DEFAULTS (config.configure checks them)
+    init_from=one_of("scratch", "resume"), max_steps=at_least(0), lr_decay_steps=at_least(0),
+    batch_size=at_least(1), grad_accum=at_least(1), lr=at_least(0.0), min_lr=at_least(0.0),
+    warmup_steps=at_least(0), weight_decay=at_least(0.0), beta2=fraction(), grad_clip=at_least(0.0),
+    eval_interval=at_least(1), eval_examples=at_least(0), log_interval=at_least(1),
+    seed=at_least(0),
+    device=one_of(*DEVICES), dtype=one_of("auto", "float32", "bfloat16", "float16"),
 )
 
 
@@ -76,6 +88,10 @@ def setup(device="auto", dtype="auto", seed=1337):
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in env)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"config: device={device!r}, but torch finds no CUDA GPU (device=cpu?)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("config: device='mps', but torch finds no Apple GPU here (device=cpu?)")
     device = torch.device(f"cuda:{local_rank}" if device == "cuda" and world > 1 else device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -88,10 +104,17 @@ def setup(device="auto", dtype="auto", seed=1337):
     if dtype == "auto":
         dtype = "float32" if device.type != "cuda" else (
             "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"config: dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_bf16():
+        print("warning: dtype=bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16): "
+              "its matmuls run 10-100x slower than float32 here (docs/benchmarks.md)")
     torch.manual_seed(seed)  # the same on every rank: the same initial weights (training: seed_all)
     return Runtime(rank, local_rank, world, device, getattr(torch, dtype))
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without, bf16 is emulated."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def teardown(rt):
@@ -208,18 +231,14 @@ def no_sync(model, sync):
 
 
 def check_train_config(cfg):
-    """What can be checked before any work or any write to out_dir."""
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"config: init_from must be 'scratch' or 'resume', got '{cfg.init_from}'")
+    """What can be checked before any work or any write to out_dir, beyond the value rules."""
     if cfg.init_from == "resume" and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
         raise UserError(f"config: init_from='resume' but {os.path.join(cfg.out_dir, 'ckpt.pt')} "
                         "does not exist")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"config: dtype must be auto, float32, bfloat16 or float16, got "
-                        f"'{cfg.dtype}'")
-    if cfg.batch_size % cfg.grad_accum:
-        raise UserError(f"config: grad_accum={cfg.grad_accum} must divide "
-                        f"batch_size={cfg.batch_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if cfg.batch_size % cfg.grad_accum or cfg.grad_accum % world:
+        raise UserError(f"config: grad_accum={cfg.grad_accum} must divide batch_size="
+                        f"{cfg.batch_size} and be a multiple of the world size {world}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +255,6 @@ class Run:
     def __init__(self, cfg, rt, model, optimizer, extra, select, higher_is_better=True,
                  units_per_example=1):
         from tqdm import tqdm
-        check_train_config(cfg)
         self.cfg, self.rt, self.model, self.optimizer, self.extra = cfg, rt, model, optimizer, extra
         self.select, self.higher_is_better = select, higher_is_better
         self.units_per_example = units_per_example  # units_per_s counts these (the encoder: events)
@@ -251,17 +269,18 @@ class Run:
                       f"(best so far {self.best:.4f})")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         if rt.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            remove_stale_temporaries(cfg.out_dir)
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(vars(cfg), f, indent=2)
-            rows = []  # a resume keeps the log up to its step and redoes the rest: no step twice
-            if cfg.init_from == "resume" and os.path.isfile(self.log_path):
-                with open(self.log_path) as f:
-                    rows = [line for line in f
-                            if line.strip() and json.loads(line)["step"] <= self.step]
-            self.log_file = open(self.log_path, "w")
-            self.log_file.writelines(rows)
+            try:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                remove_stale_temporaries(cfg.out_dir)
+                config = json.dumps(vars(cfg), indent=2)
+                write_atomic(os.path.join(cfg.out_dir, "config.json"), config)
+                # a resume keeps the log up to its step and redoes the rest: no step twice; the log
+                # is replaced whole, so a kill now loses nothing
+                rows = self.read_log() if cfg.init_from == "resume" else []
+                write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
+                self.log_file = open(self.log_path, "a")
+            except OSError as e:
+                raise UserError(f"cannot write to {cfg.out_dir}: {e.strerror or e}") from None
         self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.master,
                         dynamic_ncols=True)
         self.t0, self.t0_step = time.time(), self.step
@@ -283,7 +302,7 @@ class Run:
 
     def validated_with(self, metrics):
         """Log this step's validation metrics; save best.pt when the selected one improved, then
-        ckpt.pt."""
+        ckpt.pt (a resume continues from ckpt.pt)."""
         self.validated, self.metrics = self.step, metrics
         value = metrics[self.select]
         improved = self.best is None or (
@@ -294,9 +313,9 @@ class Run:
                            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             self.write({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()},
                         "cpu_s": self.cpu_s})
-            self.save(os.path.join(self.cfg.out_dir, "ckpt.pt"))
-            if improved:
+            if improved:  # best.pt first: a kill between the two saves redoes this step on resume
                 self.save(os.path.join(self.cfg.out_dir, "best.pt"))
+            self.save(os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
     def stepped(self, loss, lr, cpu_s, watch=None):
         """An optimizer step is done: count it and its CPU-seconds; every log_interval steps log the
@@ -323,9 +342,29 @@ class Run:
                             f"checkpoint is {self.cfg.out_dir}/ckpt.pt (try a lower lr, or "
                             "dtype=float32)")
 
+    def read_log(self):
+        """The rows of log.jsonl up to the resumed step. A torn last line (a kill mid-write) is
+        dropped with a warning; a damaged line elsewhere is an error."""
+        if not os.path.isfile(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise UserError(f"{self.log_path}:{i + 1}: not a JSON row: the log is damaged")
+                print(f"warning: {self.log_path}: dropped 1 torn last line (a kill mid-write)")
+        return [r for r in rows if r["step"] <= self.step]
+
     def write(self, row):
-        self.log_file.write(json.dumps(row) + "\n")
-        self.log_file.flush()  # never lost to a kill
+        try:
+            self.log_file.write(json.dumps(row) + "\n")
+            self.log_file.flush()  # never lost to a kill
+        except OSError as e:
+            raise UserError(f"cannot write {self.log_path}: {e.strerror or e}") from None
 
     def save(self, path):
         save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -361,24 +400,64 @@ class Run:
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, fsync, then rename: a kill mid-save never leaves a corrupt
-    checkpoint (a killed save's temporary file is removed by remove_stale_temporaries when the next
-    run starts)."""
+def write_atomic(path, data):
+    """Write bytes or text to a temporary file, fsync, then rename: a kill mid-write never leaves a
+    half file (a killed write's temporary is removed by remove_stale_temporaries)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically, with a checksum of its content that load_checkpoint verifies."""
+    obj = {**obj, "checksum": checksum(obj)}
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def checksum(obj):
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other
+    value, walked in a fixed order. Flipped bytes in the file change it."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
+        else:
+            h.update(repr(x).encode())
+
+    walk({k: v for k, v in obj.items() if k != "checksum"})
+    return h.hexdigest()
 
 def remove_stale_temporaries(out_dir):
-    """Delete the temporary files of saves that were killed before their rename (a run owns its
-    out_dir)."""
+    """Delete the temporaries of writes killed before their rename (a run owns its out_dir)."""
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
         stem, _, pid = name.rpartition(".tmp")
-        if stem.endswith(".pt") and pid.isdigit():
+        if stem.endswith((".pt", ".json", ".jsonl")) and pid.isdigit():
             os.remove(os.path.join(out_dir, name))
 
 
@@ -387,14 +466,21 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # it names classes or functions: unpickling builds them
-            raise UserError(f"{path} is not a plain weights checkpoint and was not loaded: loading "
-                            "it could run code")
-        raise UserError(f"cannot read checkpoint {path}: not a checkpoint, or a damaged one")
+        if "global" in str(e).lower():  # it names a class or function: only unpickling calls them
+            raise UserError(f"{path} holds code (a pickled class or function) and was not loaded: "
+                            "a checkpoint is data") from None
+        raise UserError(f"cannot read checkpoint {path}: not a checkpoint, or a damaged "
+                        "one") from None
     except Exception as e:  # a truncated or foreign file: one line
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"cannot read checkpoint {path}: {why}") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "checksum"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of train_encoder.py or train_llm.py")
+    if checksum(ckpt) != ckpt["checksum"]:
+        raise UserError(f"{path} is damaged: its content does not match its checksum")
+    return ckpt
 
 
 def check_data(stored, current, source):
@@ -498,6 +584,13 @@ def reference_rows(d, split, targets, seq_len, label="item", batch_size=256, dev
     if d.meta["dataset"] == "synthetic" and label == "item" and split in ("val", "test"):
         rows["oracle (expected)"] = oracle_recall(d, split, (1, 5, 10), targets)
     return rows
+
+
+def eval_file(split, max_examples=0, seed=1337):
+    """The results file of an evaluation, named by what it evaluated: eval_test.json for every test
+    user, eval_test_500.json for a seeded 500 of them (eval_test_500_seed7.json with --seed=7)."""
+    subset = f"_{max_examples}" + (f"_seed{seed}" if seed != 1337 else "")
+    return f"eval_{split}{subset if max_examples else ''}.json"
 
 
 @torch.no_grad()

@@ -88,9 +88,36 @@ def run_config_file(path):
     return scope
 
 
-def configure(defaults, argv, doc=None):
+def at_least(lo):
+    """A rule for configure(): the value (each value, for a tuple) is >= lo."""
+    return f">= {lo}", lambda x: x >= lo
+
+
+def fraction(upper_open=True):
+    """A rule: 0 <= value < 1 (a probability such as dropout), or 0 < value <= 1."""
+    if upper_open:
+        return "in [0, 1)", lambda x: 0 <= x < 1
+    return "in (0, 1]", lambda x: 0 < x <= 1
+
+
+def one_of(*choices):
+    """A rule: the value is one of the choices."""
+    return "one of " + ", ".join(map(repr, choices)), lambda x: x in choices
+
+
+def check(cfg, rules):
+    """Every key with a rule holds a value the rule allows, or a UserError names the key, its value
+    and the allowed range: checked with the config, before any work or any write."""
+    for key, (allowed, ok) in rules.items():
+        value = getattr(cfg, key)
+        if not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise UserError(f"config: {key}={value!r} is not allowed: it must be {allowed}")
+
+
+def configure(defaults, argv, doc=None, rules=None):
     """defaults: every key a script accepts. argv: [config.py] [--key=value ...], or --help / -h
-    (print the script's doc and its keys, then exit). Returns a namespace."""
+    (print the script's doc and its keys, then exit). rules: {key: rule} (at_least, fraction,
+    one_of), checked last. Returns a namespace."""
     cfg, args = dict(defaults), list(argv)
     if "--help" in args or "-h" in args:
         print(usage(defaults, doc))
@@ -114,4 +141,6 @@ def configure(defaults, argv, doc=None):
         except (ValueError, SyntaxError):
             value = text  # a bare string such as --dataset=ml20m
         cfg[key] = coerce(key, value, defaults[key])
-    return types.SimpleNamespace(**cfg)
+    cfg = types.SimpleNamespace(**cfg)
+    check(cfg, rules or {})
+    return cfg

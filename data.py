@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import UserError, cli, configure
+from config import UserError, at_least, check, cli, configure, fraction
 
 from sources import (AMAZON, DATASETS, GOOGLE, generate_synthetic, raw_file, read_json_source,
                      read_movielens, write_oracle)
@@ -62,13 +62,20 @@ DEFAULTS = dict(
 )
 
 
+RULES = dict(n_users=at_least(1), n_items=at_least(3), n_genres=at_least(3), min_len=at_least(3),
+             max_len=at_least(3), p_seq=fraction(), p_drift=fraction(), min_events=at_least(3),
+             seed=at_least(0))
+
+
 def config(**overrides):
     """DEFAULTS with overrides, for calling prepare() from Python:
     data.prepare(data.config(n_users=300, ...))."""
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise UserError(f"data.config: unknown key(s) {sorted(unknown)}")
-    return types.SimpleNamespace(**{**DEFAULTS, **overrides})
+    cfg = types.SimpleNamespace(**{**DEFAULTS, **overrides})
+    check(cfg, RULES)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,12 +230,16 @@ class UserData:
     def fingerprint(self):
         """What identifies this prepared dataset: stored in every checkpoint, compared
         (common.check_data) whenever a checkpoint is used with data, so that a model is never scored
-        on, or continued with, data it was not made for. Hashed once per UserData (a training run
-        checks and stores it several times)."""
+        on, or continued with, data it was not made for: the events, and the text an LLM reads and
+        writes (titles, genre names, ratings, reviews). Hashed once per UserData."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for a in (self.offsets, *self.feats):
+            reviews = self._reviews if self.meta["has_reviews"] else ()
+            for a in (self.offsets, *self.feats, *reviews):
                 h.update(np.ascontiguousarray(a))  # the array's bytes, without a copy
+            for name in ("item_titles.json", "genre_names.json"):
+                h.update((self.path / name).read_bytes())
+            h.update(json.dumps(self.rating_values).encode())
             self._fingerprint = dict(dataset=self.meta["dataset"], path=str(self.path.resolve()),
                                      vocab_sizes=list(self.vocab_sizes), n_users=int(self.n_users),
                                      n_events=int(self.offsets[-1]), sha256=h.hexdigest()[:16])
@@ -442,7 +453,7 @@ class Prompter:
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv, __doc__)
+    cfg = configure(DEFAULTS, argv, __doc__, RULES)
     t0 = time.time()
     out = prepare(cfg)
     print(f"prepared {cfg.dataset} in {out} ({time.time() - t0:.1f}s)")

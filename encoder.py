@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import TRAIN_DEFAULTS
-from config import UserError
+from common import TRAIN_DEFAULTS, TRAIN_RULES
+from config import UserError, at_least, fraction, one_of
 from fused import linear_cross_entropy
 from model import MLP, Block, init_weights
 
@@ -42,6 +42,12 @@ DEFAULTS = dict(  # every key of a train_encoder.py config (configs/synthetic_en
     seen_bias=False, seen_bias_lr_mult=10.0,  # ours (docs/deviations.md)
     fused_loss=True,  # the same loss, computed faster (fused.py)
     **TRAIN_DEFAULTS,
+)
+RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
+    seq_len=at_least(1), min_history=at_least(1), kind=one_of(*KINDS), feature_dims=at_least(1),
+    n_embd=at_least(1), n_layer=at_least(1), n_head=at_least(1), dropout=fraction(),
+    loss_weights=at_least(0.0), mask_prob=fraction(upper_open=False), n_user_embs=at_least(1),
+    label_task=one_of("next_item", "fav"), seen_bias_lr_mult=at_least(0.0), **TRAIN_RULES,
 )
 
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (checkpoint_data, evaluate_ranking, load_checkpoint, load_weights, print_table,
-                    ranking_metrics, reference_rows, seeded_subset, to_device)
-from config import UserError, cli, configure
+from common import (DEVICES, checkpoint_data, eval_file, evaluate_ranking, load_checkpoint,
+                    load_weights, print_table, ranking_metrics, reference_rows, seeded_subset,
+                    to_device, write_atomic)
+from config import UserError, at_least, cli, configure, one_of
 from data import Prompter, get_tokenizer
 from decode import Trie, answer_logprobs, beam_search, generate, trie_chunks
 from encoder import EncoderConfig, make_encoder
@@ -37,6 +38,8 @@ DEFAULTS = dict(
     exact=True,  # LLMs: rank every candidate by log-likelihood
     fast=True,  # ... through the catalogue's prefix trie (decode.answer_logprobs): the same numbers
 )
+RULES = dict(split=one_of("train", "val", "test"), batch_size=at_least(1), max_examples=at_least(0),
+             seed=at_least(0), beam=at_least(0), device=one_of(*DEVICES))
 
 
 @torch.no_grad()
@@ -158,16 +161,19 @@ def evaluate_llm_checkpoint(cfg, ckpt):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv, __doc__)
+    cfg = configure(DEFAULTS, argv, __doc__, RULES)
     if not cfg.ckpt:
         raise UserError("eval.py: give a checkpoint, e.g. --ckpt=out/synthetic-enc/best.pt")
     ckpt = load_checkpoint(cfg.ckpt)
     rows = (evaluate_llm_checkpoint if "llm_config" in ckpt else evaluate_encoder)(cfg, ckpt)
     print_table(rows)
-    out = os.path.join(os.path.dirname(cfg.ckpt), f"eval_{cfg.split}.json")
-    with open(out, "w") as f:
-        json.dump({"checkpoint": cfg.ckpt, "split": cfg.split, "config": vars(cfg),
-                   "results": rows}, f, indent=2)
+    out = os.path.join(os.path.dirname(cfg.ckpt), eval_file(cfg.split, cfg.max_examples, cfg.seed))
+    result = {"checkpoint": cfg.ckpt, "split": cfg.split, "config": vars(cfg),
+              "data": ckpt["data"], "results": rows}
+    try:
+        write_atomic(out, json.dumps(result, indent=2))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}")
     return rows
 

@@ -22,8 +22,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 
-from common import (TRAIN_DEFAULTS, checkpoint_data, evaluate_ranking, load_checkpoint, print_table,
-                    reference_rows)
+from common import (TRAIN_DEFAULTS, checkpoint_data, eval_file, evaluate_ranking, load_checkpoint,
+                    print_table, reference_rows)
 from config import UserError, cli, configure
 from data import Prompter, get_tokenizer, popularity
 from decode import answer_logprobs
@@ -32,6 +32,7 @@ from userllm import describe, from_checkpoint
 DEFAULTS = dict(
     runs="",  # out_dirs, comma-separated (glob patterns with --summary)
     summary=False, split="test", fig3="", curves="", time_to_quality="", metric="recall@10",
+    examples=0,  # the eval.py results to read: of every user (0), or of --max_examples=examples
     catalogue="",  # a checkpoint of an LLM without user context: how well it knows the catalogue
     data_dir="", batch_size=256, device="cpu",
 )
@@ -40,9 +41,10 @@ DEFAULTS = dict(
 # --------------------------------------------------------------------------------------------------
 # results over seeds
 
-def read_run(run, split="test"):
+def read_run(run, split="test", examples=0):
     """A train_llm.py / train_encoder.py out_dir -> (its config, its model's eval row or None, its
-    training log)."""
+    training log). The eval row: eval.py's results on the split, over every user (examples=0) or a
+    seeded subset of that many (--max_examples)."""
     try:
         with open(os.path.join(run, "config.json")) as f:
             c = types.SimpleNamespace(**json.load(f))
@@ -50,7 +52,7 @@ def read_run(run, split="test"):
             log = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"{run}: not a training run's out_dir ({e})".splitlines()[0])
-    path = os.path.join(run, f"eval_{split}.json")
+    path = os.path.join(run, eval_file(split, examples))
     if not os.path.isfile(path):
         return c, None, log
     with open(path) as f:
@@ -68,13 +70,13 @@ def run_name(c, seed=True):
     return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
 
 
-def summarize(runs, split="test"):
+def summarize(runs, split="test", examples=0):
     """Results over seeds: runs whose configs differ only in seed and out_dir make one row, each
     metric as mean ± sd (sample sd) over them; then, per seed, Recall@10 and tanh of the gates at
     the end of training."""
     groups, pending = {}, []
     for run in runs:
-        c, row, log = read_run(run, split)
+        c, row, log = read_run(run, split, examples)
         if row is None:
             pending.append(run)  # still training, or not evaluated yet
             continue
@@ -82,7 +84,7 @@ def summarize(runs, split="test"):
         gates = {k: v for k, v in last.items() if k[:-1] in ("attn", "ff")}
         groups.setdefault(run_name(c, seed=False), []).append((c.seed, row, gates))
     if pending:
-        print(f"skipped {len(pending)} runs without eval_{split}.json (eval.py "
+        print(f"skipped {len(pending)} runs without {eval_file(split, examples)} (eval.py "
               "--ckpt=<run>/best.pt): " + ", ".join(pending))
     if not groups:
         raise UserError("report.py: --summary found no evaluated run")
@@ -165,15 +167,16 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
         fh.write("\n".join(out + ["</svg>"]) + "\n")
 
 
-def plot_fig3(runs, path, metric="recall@10", split="test"):
+def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
     """Paper Fig. 3: a metric against the history length N, one line per method. A User-LLM run's N
     is its seq_len (the events the encoder sees); a TextPrompt run's is its text_events (the events
     written into the prompt)."""
     lines = {}
     for run in runs:
-        c, row, _ = read_run(run, split)
+        c, row, _ = read_run(run, split, examples)
         if row is None:
-            raise UserError(f"{run}: no eval_{split}.json, run eval.py --ckpt={run}/best.pt first")
+            raise UserError(f"{run}: no {eval_file(split, examples)}; run eval.py "
+                            f"--ckpt={run}/best.pt first")
         if metric not in row:
             raise UserError(f"{run}: no '{metric}' in its results (it has {', '.join(row)})")
         if not hasattr(c, "fusion"):
@@ -282,8 +285,9 @@ def main(argv):
     if not runs:
         raise UserError(f"report.py: no run matches --runs='{cfg.runs}'")
     if cfg.summary:
-        return summarize(runs, cfg.split)
-    for path, plot in ((cfg.fig3, lambda p: plot_fig3(runs, p, cfg.metric, cfg.split)),
+        return summarize(runs, cfg.split, cfg.examples)
+    fig3 = lambda p: plot_fig3(runs, p, cfg.metric, cfg.split, cfg.examples)
+    for path, plot in ((cfg.fig3, fig3),
                        (cfg.curves, lambda p: plot_curves(runs, p)),
                        (cfg.time_to_quality, lambda p: plot_time_to_quality(runs, p, cfg.metric))):
         if path:

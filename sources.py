@@ -221,11 +221,12 @@ class RawEvents:
     review_offsets: np.ndarray = None  # (E+1,) int64
 
 
-def read_numeric(path, sep, dtypes, int_cols, report, header, chunk_bytes=1 << 26):
+def read_numeric(path, sep, dtypes, int_cols, report, header, checks=None, chunk_bytes=1 << 26):
     """Fast reader for numeric delimited files (ratings): chunks are parsed by numpy in C; a chunk
     whose lines don't all have the right number of fields, or that numpy can't parse, is re-parsed
-    line by line, counting bad lines. Returns one array per column (typed as dtypes) and the file
-    line number of each row."""
+    line by line, counting bad lines. checks(x) -> {reason: (rows,) bool}: the parsed values a
+    row may not hold (dropped and counted before any cast). Returns one array per column (typed as
+    dtypes) and the file line number of each row."""
     cols, lines, line_no, rest = [[] for _ in dtypes], [], 1, b""
     with open(path, "rb") as f:
         if header:
@@ -241,6 +242,12 @@ def read_numeric(path, sep, dtypes, int_cols, report, header, chunk_bytes=1 << 2
             chunk, rest = data[:cut], data[cut + 1:]
             if chunk:
                 x, ln = _parse_chunk(chunk, sep, len(dtypes), int_cols, report, line_no)
+                if checks is not None and len(x):
+                    keep = np.ones(len(x), bool)
+                    for reason, bad in checks(x).items():
+                        _drop_rows(report, reason, ln[bad & keep])
+                        keep &= ~bad
+                    x, ln = x[keep], ln[keep]
                 for j, (c, dt) in enumerate(zip(cols, dtypes)):
                     c.append(x[:, j].astype(dt))
                 lines.append(ln)
@@ -249,6 +256,11 @@ def read_numeric(path, sep, dtypes, int_cols, report, header, chunk_bytes=1 << 2
                 break
     cat = lambda a, dt: np.concatenate(a) if a else np.zeros(0, dt)
     return [cat(c, dt) for c, dt in zip(cols, dtypes)], cat(lines, np.int64)
+
+
+def _drop_rows(report, reason, lines):
+    if len(lines):
+        report.drop(reason, int(lines.min()), len(lines))
 
 
 def _parse_chunk(chunk, sep, n_fields, int_cols, report, first_line):
@@ -363,6 +375,16 @@ def most_specific_genre(genres):
     return [min(gs, key=lambda g: freq[g]) for gs in genres]  # min keeps the first of equal keys
 
 
+def movielens_checks(x):
+    """The values a MovieLens rating row (user, movie, rating, time) cannot hold: ids and times
+    outside [0, 2^62) (an int64 column could not even hold 1e30), a rating outside the half stars
+    0.5 .. 5."""
+    ids, rating, t = x[:, :2], x[:, 2], x[:, 3]
+    return {"id out of range": ((ids < 0) | (ids >= 2.0 ** 62)).any(1),
+            "time out of range": (t < 0) | (t >= 2.0 ** 62),
+            "rating out of range": (rating < 0.5) | (rating > 5) | (rating * 2 % 1 != 0)}
+
+
 def read_movielens(raw_dir, name, strict=False, fetch=False):
     """MovieLens in any of its shipped formats (+ the synthetic reviews.csv when present) ->
     RawEvents."""
@@ -375,7 +397,8 @@ def read_movielens(raw_dir, name, strict=False, fetch=False):
     sep = {".csv": b",", ".dat": b"::"}.get(ev_path.suffix, b"\t")
     dtypes = (np.int64, np.int64, np.float32, np.int64)
     (user, raw_item, rating, ts), line = read_numeric(ev_path, sep, dtypes, [0, 1, 3], report,
-                                                      header=ev_path.suffix == ".csv")
+                                                      header=ev_path.suffix == ".csv",
+                                                      checks=movielens_checks)
     lut = np.full(max(ids, default=0) + 2, -1, np.int64)  # raw id -> catalogue index; last: unknown
     lut[np.array(ids, np.int64)] = np.arange(len(ids))
     item = lut[np.where((raw_item >= 0) & (raw_item < len(lut)), raw_item, len(lut) - 1)]
@@ -530,6 +553,10 @@ def _review_event(r, src):
         return "malformed line"
     if not math.isfinite(y) or not -2 ** 63 <= t < 2 ** 63:  # a NaN rating, or no int64 time
         return "malformed line"
+    if not 1 <= y <= 5:  # Amazon's and Google's stars
+        return "rating out of range"
+    if not 0 <= t < 2 ** 62:
+        return "time out of range"
     return str(u), str(i), y, t
 
 

@@ -12,16 +12,17 @@ import dataclasses
 import os
 import time
 
-from common import (Run, adamw, all_reduce_sum, clip_and_step, evaluate_ranking, evaluating,
-                    get_lr, micro_batches, no_sync, seed_all, seeded_subset, set_lr, setup,
-                    teardown, to_device)
+from common import (Run, adamw, all_reduce_sum, check_train_config, clip_and_step,
+                    evaluate_ranking, evaluating, get_lr, micro_batches, no_sync, seed_all,
+                    seeded_subset, set_lr, setup, teardown, to_device)
 from config import cli, configure
 from data import UserData, batch_targets
-from encoder import DEFAULTS, encoder_config, make_encoder
+from encoder import DEFAULTS, RULES, encoder_config, make_encoder
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv, __doc__)
+    cfg = configure(DEFAULTS, argv, __doc__, RULES)
+    check_train_config(cfg)  # before any work or any write
     rt = setup(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     model = make_encoder(encoder_config(cfg, d.vocab_sizes)).to(rt.device)

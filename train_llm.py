@@ -14,12 +14,12 @@ import dataclasses
 import os
 import time
 
-from common import (Run, adamw, all_reduce_sum, clip_and_step, evaluate_loss, evaluating, get_lr,
-                    micro_batches, no_sync, seed_all, seeded_subset, set_lr, setup, teardown,
-                    to_device)
+from common import (Run, adamw, all_reduce_sum, check_train_config, clip_and_step,
+                    evaluate_loss, evaluating, get_lr, micro_batches, no_sync, seed_all,
+                    seeded_subset, set_lr, setup, teardown, to_device)
 from config import cli, configure
 from data import Prompter, UserData, batch_targets, get_tokenizer
-from userllm import DEFAULTS, build_model, load_llm
+from userllm import DEFAULTS, RULES, build_model, load_llm
 
 
 def lr_multipliers(cfg):
@@ -32,7 +32,8 @@ def lr_multipliers(cfg):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv, __doc__)
+    cfg = configure(DEFAULTS, argv, __doc__, RULES)
+    check_train_config(cfg)  # before any work or any write
     rt = setup(cfg.device, cfg.dtype, cfg.seed)
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     tok = get_tokenizer(cfg.llm)

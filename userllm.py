@@ -23,8 +23,8 @@ import types
 import torch
 import torch.nn as nn
 
-from common import TRAIN_DEFAULTS, check_data, load_checkpoint, load_weights
-from config import UserError
+from common import TRAIN_DEFAULTS, TRAIN_RULES, check_data, load_checkpoint, load_weights
+from config import UserError, at_least, fraction, one_of
 from encoder import EncoderConfig, history_positions, make_encoder
 from gpt2 import load_gpt2
 from model import GPT, GPTConfig, Recency, SoftPrompt
@@ -55,6 +55,18 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # 0..mixed_history events before the query
     pack_examples=0, mixed_history=0,
     **TRAIN_DEFAULTS,
+)
+RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
+    seq_len=at_least(1), min_history=at_least(1), task=one_of("next_item", "fav", "review_gen"),
+    fusion=one_of("xattn", "soft_prompt", "none"), strategy=one_of("full", "lora", "enc", "proj"),
+    text_events=at_least(0), n_latents=at_least(1), perceiver_layers=at_least(1),
+    enc_feature_dims=at_least(1), enc_n_embd=at_least(1), enc_n_layer=at_least(1),
+    enc_n_head=at_least(1), n_layer=at_least(1), n_head=at_least(1), n_embd=at_least(1),
+    dropout=fraction(), max_text_tokens=at_least(1), xattn_every=at_least(1), xattn_dim=at_least(0),
+    lora_rank=at_least(1), lora_alpha=at_least(0.0), n_task_tokens=at_least(0),
+    fusion_lr_mult=at_least(0.0), gate_lr_mult=at_least(0.0), perceiver_lr_mult=at_least(0.0),
+    max_answer_tokens=at_least(1), pack_examples=at_least(0), mixed_history=at_least(0),
+    **TRAIN_RULES,
 )
 
 
@@ -118,6 +130,9 @@ def build_encoder(cfg, d, enc_cfg=None):
     (encoder_ckpt), or new (a random AR encoder)."""
     if enc_cfg is None and cfg.encoder_ckpt:
         ckpt = load_checkpoint(cfg.encoder_ckpt)
+        if "llm_config" in ckpt:
+            raise UserError(f"encoder_ckpt={cfg.encoder_ckpt} is a train_llm.py checkpoint, not an "
+                            "encoder's (train_encoder.py)")
         check_data(ckpt["data"], d.fingerprint(), cfg.encoder_ckpt)  # the same item ids
         encoder = make_encoder(EncoderConfig(**ckpt["encoder_config"]))
         load_weights(encoder, ckpt["model"], cfg.encoder_ckpt)
@@ -182,6 +197,9 @@ def load_llm(model, path, d):
     another strategy, or, offline, the GPT trained without user context stands in for a pretrained
     LLM that knows the catalogue's titles."""
     ckpt = load_checkpoint(path)
+    if "llm_config" not in ckpt:
+        raise UserError(f"llm_ckpt={path} is a train_encoder.py checkpoint, not an LLM's "
+                        "(train_llm.py)")
     check_data(ckpt["data"], d.fingerprint(), path)  # it learnt this catalogue's titles
     own, state = model.state_dict(), ckpt["model"]
     base = [k for k in own

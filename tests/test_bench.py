@@ -112,3 +112,16 @@ def test_prepare_benchmark_small(tmp_path, capsys):
     ratings = (tmp_path / 'raw' / 'ratings.csv').read_bytes()
     assert ratings.startswith(b'userId,movieId,rating,timestamp\n') and ratings.count(b'\n') == 3001
     assert 'prepare: 3,000 events, 20 users' in capsys.readouterr().out
+
+
+def test_bf16_on_a_cpu_without_it_says_so(monkeypatch, capsys):
+    """Without native bf16, bench.py --dtype=True says why it skips (instead of running for hours),
+    and a run asked for dtype=bfloat16 on such a CPU is told what it will cost."""
+    import common
+    monkeypatch.setattr(common.torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    monkeypatch.setattr(bench, "cpu_has_bf16", common.cpu_has_bf16)
+    assert bench.main(["--dtype=True"]) == []
+    assert "skipped. This CPU has no native bf16" in capsys.readouterr().out
+    rt = common.setup("cpu", "bfloat16")
+    assert rt.dtype == torch.bfloat16
+    assert "warning: dtype=bfloat16 on a CPU without native bf16" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """common.py: LR schedule, checkpoint I/O, world-size-independent batches, AdamW groups, the ranking metrics and
 the results table."""
+import errno
 import math
+import os
 import types
 
 import numpy as np
@@ -36,12 +38,59 @@ def test_checkpoint_roundtrip_and_bad_file(tmp_path):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-def test_checkpoint_refuses_pickled_code(tmp_path):
+class Payload:
+    """What a malicious file would hold: unpickling it calls os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("payload", [math.sqrt, Payload()])
+def test_checkpoint_refuses_pickled_code(tmp_path, payload):
+    """A pickled function, or a payload that would call os.system when unpickled, is refused as code,
+    in one line, and never run."""
     path = tmp_path / "evil.pt"
-    torch.save({"f": math.sqrt}, path)  # a pickled function: weights_only=True must refuse it
+    torch.save({"model": payload}, path)
     with pytest.raises(UserError) as e:
         load_checkpoint(str(path))
-    assert str(e.value) == f"{path} is not a plain weights checkpoint and was not loaded: loading it could run code"
+    assert str(e.value) == (f"{path} holds code (a pickled class or function) and was not loaded: a "
+                            "checkpoint is data")
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
+    """A checkpoint carries a checksum of its content: one flipped byte in a weight is refused in one
+    line, not scored silently; a torch file that is no checkpoint of ours is named as such."""
+    path = tmp_path / "ckpt.pt"
+    w = torch.arange(1000, dtype=torch.float32)
+    save_checkpoint({"model": {"w": w}, "config": {"a": 1}}, str(path))
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(w.numpy().tobytes()[2000:2016])  # the weight's bytes, stored raw
+    assert at > 0
+    raw[at + 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="ckpt.pt is damaged: its content does not match its checksum"):
+        load_checkpoint(str(path))
+    torch.save({"model": {"w": w}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt is not a checkpoint of train_encoder.py or train_llm.py"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """ENOSPC (or a read-only folder) while saving: one line naming the file; the temporary is removed
+    and the previous checkpoint stays whole."""
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def full(obj, f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="cannot write .*ckpt.pt: No space left on device"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.equal(load_checkpoint(path)["model"]["w"],
+                                                                torch.ones(3))
 
 
 def test_evaluation_batches_do_not_depend_on_world_size():

@@ -13,6 +13,7 @@ import torch
 import data
 import encoder
 import report
+from common import save_checkpoint
 from config import UserError, configure
 from conftest import tiny_llm as tiny
 from data import Prompter, get_tokenizer
@@ -177,7 +178,7 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     m = build_model(cfg, small, tok).eval()
     ckpt = {"model": m.state_dict(), "data": small.fingerprint(), "config": vars(cfg), "encoder_config": None,
             "llm_config": dataclasses.asdict(m.llm.config)}
-    torch.save(ckpt, tmp_path / "gpt.pt")
+    save_checkpoint(ckpt, str(tmp_path / "gpt.pt"))
     catalogue = [f"--catalogue={tmp_path / 'gpt.pt'}"]
     fit = report.main(catalogue)
     p = Prompter(small, tok, "next_item", 0, 512, 64)
@@ -199,9 +200,9 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     fit = report.main(catalogue + ["--split=val"])  # the least watched first: worse than most popular
     assert fit["rows"]["its one list"]["recall@10"] < fit["rows"]["most popular"]["recall@10"]
     user = build_model(tiny(), small, tok)
-    torch.save({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, tmp_path / "user.pt")
+    save_checkpoint({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, str(tmp_path / "user.pt"))
     with pytest.raises(UserError, match="needs an LLM trained without user context.*user.pt is not one"):
         report.main([f"--catalogue={tmp_path / 'user.pt'}"])
-    torch.save({"model": {}, "config": {"kind": "ar"}, "encoder_config": {}}, tmp_path / "enc.pt")
+    save_checkpoint({"model": {}, "config": {"kind": "ar"}, "encoder_config": {}}, str(tmp_path / "enc.pt"))
     with pytest.raises(UserError, match="enc.pt is not one"):
         report.main([f"--catalogue={tmp_path / 'enc.pt'}"])

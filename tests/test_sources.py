@@ -84,6 +84,34 @@ def test_ml1m_reader_latin1(tmp_path, capsys):
     assert [d.genre_names[g] for g in d.feats[1]] == ["Musical", "Musical", "Children's"]  # by time; rarest genre
 
 
+@pytest.mark.parametrize("name,sep", [("ml1m", "::"), ("ml100k", "\t"), ("ml20m", ",")])
+def test_impossible_values_are_dropped_and_counted(tmp_path, capsys, name, sep):
+    """A time no int64 holds (1e30), a negative time, a rating outside 0.5..5 or off the half stars,
+    a negative id: each row dropped and counted by reason, never turned into a value."""
+    rows = [("1", "1", "4", "978300760"), ("1", "2", "3", "1e30"), ("1", "1", "99", "978300761"),
+            ("1", "2", "3.7", "978300762"), ("1", "2", "3", "-5"), ("-1", "2", "3", "978300763"),
+            ("1", "2", "5", "978300764"), ("1", "1", "2", "978300765")]
+    text = "".join(sep.join(r) + "\n" for r in rows)
+    flags = "|".join("0" for _ in range(19))
+    if name == "ml1m":
+        files = {"ratings.dat": text, "movies.dat": "1::A (1995)::Drama\n2::B (1996)::Comedy\n"}
+    elif name == "ml100k":
+        files = {"u.data": text, "u.item": f"1|A (1995)|||x|{flags}\n2|B (1996)|||x|{flags}\n"}
+    else:
+        files = {"ratings.csv": "userId,movieId,rating,timestamp\n" + text,
+                 "movies.csv": "movieId,title,genres\n1,A (1995),Drama\n2,B (1996),Comedy\n"}
+    for f, content in files.items():
+        write(tmp_path / "raw" / f, content.encode("latin-1"))
+    d = prep(tmp_path, name)
+    out = capsys.readouterr().out
+    assert ("kept 3, dropped 5 (id out of range: 1, rating out of range: 2, time out of range: 2)"
+            in out), out
+    assert d.meta["rating_values"] == [2.0, 4.0, 5.0] and np.asarray(d.timestamps).min() >= 0
+    line = 3 if name == "ml20m" else 2  # the 1e30 row; ratings.csv has a header
+    with pytest.raises(UserError, match=rf":{line}: time out of range \(strict mode\)"):
+        prep(tmp_path, name, strict=True)
+
+
 def test_ml100k_reader(tmp_path):
     flags = lambda *on: "|".join("1" if k in on else "0" for k in range(19))
     write(tmp_path / "raw" / "u.data", b"196\t242\t3\t881250949\n196\t1\t4\t881250950\n196\t242\t5\t881250951\n")

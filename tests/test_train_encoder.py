@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import common as common_module
 import data
 import encoder
 import eval as evaluation
@@ -60,12 +61,85 @@ def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(small300, t
         run_encoder(small300, tmp_path / "a", "--max_steps=2", "--seen_bias=True", "--init_from=resume")
 
 
-def test_nothing_is_written_before_the_config_is_valid(small300, tmp_path):
-    with pytest.raises(UserError, match="init_from must be 'scratch' or 'resume', got 'latest'"):
-        run_encoder(small300, tmp_path / "a", "--init_from=latest")
+BAD_VALUES = [("init_from", "latest", "one of 'scratch', 'resume'"), ("max_steps", -1, ">= 0"),
+              ("batch_size", 0, ">= 1"), ("grad_accum", 0, ">= 1"), ("eval_interval", 0, ">= 1"),
+              ("log_interval", 0, ">= 1"), ("seq_len", 0, ">= 1"), ("n_layer", 0, ">= 1"),
+              ("n_layer", -1, ">= 1"), ("dropout", 2.0, r"in \[0, 1\)"), ("device", "foo", "one of 'auto'"),
+              ("dtype", "int8", "one of 'auto'"), ("kind", "gru", "one of 'ar'")]
+
+
+@pytest.mark.parametrize("key,value,allowed", BAD_VALUES)
+def test_a_bad_value_is_one_line_and_nothing_is_written(small300, tmp_path, key, value, allowed):
+    """Value ranges are checked with the config: one line naming the key, its value and the allowed
+    range, before any work or any write."""
+    with pytest.raises(UserError, match=f"^config: {key}={value!r} is not allowed: it must be {allowed}"):
+        run_encoder(small300, tmp_path / "a", f"--{key}={value}")
+    assert not (tmp_path / "a").exists()
+
+
+def test_nothing_is_written_before_the_config_is_valid(small300, tmp_path, monkeypatch):
+    """A resume without a checkpoint, a GPU asked for on a machine without one, a grad_accum that
+    torchrun's world size does not divide: one line, and out_dir untouched."""
     with pytest.raises(UserError, match="init_from='resume' but .*b/ckpt.pt does not exist"):
         run_encoder(small300, tmp_path / "b", "--init_from=resume")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device='cuda', but torch finds no CUDA GPU"):
+            run_encoder(small300, tmp_path / "b", "--device=cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 sets it
+    with pytest.raises(UserError, match="grad_accum=3 must divide batch_size=48 and be a multiple of "
+                                        "the world size 2"):
+        run_encoder(small300, tmp_path / "b", "--grad_accum=3", "--batch_size=48")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_kill_between_the_two_saves_leaves_no_stale_best(small300, tmp_path, monkeypatch):
+    """Killed after the first of a validation's two saves (best.pt, ckpt.pt), the resumed run ends with a
+    best.pt holding the best validation its log shows."""
+    common = ["--dropout=0.1", "--eval_interval=2", "--max_steps=6", "--lr=3e-3", "--warmup_steps=1"]
+    run_encoder(small300, tmp_path / "a", *common)
+    val = [r for r in log_rows(tmp_path / "a") if "val_recall@10" in r]
+    best_step = max(val, key=lambda r: (r["val_recall@10"], -r["step"]))["step"]
+    assert best_step > 0  # the test needs an improvement after step 0
+    save, saves = common_module.save_checkpoint, []
+
+    def killed(obj, path):  # the process dies right after the first save of step best_step
+        save(obj, path)
+        saves.append(obj["step"])
+        if obj["step"] == best_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common_module, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_encoder(small300, tmp_path / "b", *common)
+    monkeypatch.undo()
+    run_encoder(small300, tmp_path / "b", "--init_from=resume", *common)
+    best = load_checkpoint(str(tmp_path / "b" / "best.pt"))
+    assert best["step"] == best_step and best["best"] == max(r["val_recall@10"] for r in val)
+
+
+def test_the_log_survives_kills(small300, tmp_path, monkeypatch):
+    """A torn last line of log.jsonl (a kill mid-write) is dropped with a warning on resume; a kill
+    while the resumed run rewrites the log leaves the old log whole (it is replaced atomically)."""
+    common = ["--eval_interval=3", "--max_steps=3"]
+    run_encoder(small300, tmp_path, *common)
+    rows = log_rows(tmp_path)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    text = (tmp_path / "log.jsonl").read_text()
+    replace = os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith("log.jsonl"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_encoder(small300, tmp_path, "--init_from=resume", "--max_steps=6", "--eval_interval=3")
+    monkeypatch.undo()
+    assert (tmp_path / "log.jsonl").read_text() == text
+    run_encoder(small300, tmp_path, "--init_from=resume", "--max_steps=6", "--eval_interval=3")
+    assert log_rows(tmp_path)[:len(rows)] == rows and log_rows(tmp_path)[-1]["step"] == 6
 
 
 def test_a_checkpoint_is_used_only_with_its_own_data(small300, tmp_path, capsys):
@@ -111,8 +185,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(small300, tmp_path, monke
 def test_config_typo_fails_naming_the_key(small300):
     with pytest.raises(UserError, match="unknown key 'n_layers'.*'n_layer'"):
         train_encoder.main([f"--data_dir={small300}", "--n_layers=2"])
-    with pytest.raises(UserError, match="config: kind must be one of"):
-        train_encoder.main([f"--data_dir={small300}", "--kind=gru", "--max_steps=0"])
 
 
 def evaluate(out_dir, data_dir):

@@ -5,11 +5,16 @@ import pytest
 import torch
 
 import userllm
-from common import to_device
-from config import UserError
+from common import save_checkpoint, to_device
+from config import UserError, configure
 from conftest import count, tiny_llm as tiny, trained
 from data import Prompter, get_tokenizer
 from userllm import build_model
+
+
+def save_llm(path, state, data):
+    """A train_llm.py checkpoint holding these weights, made on that data."""
+    save_checkpoint({"model": state, "data": data, "config": {}, "llm_config": {}}, str(path))
 
 
 @pytest.mark.parametrize("fusion", ["xattn", "soft_prompt"])
@@ -53,7 +58,7 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
     torch.manual_seed(0)  # a fixed initialisation: the negative control below must not depend on luck
     tok, targets, data = get_tokenizer("scratch"), small.targets("test")[:8], small.fingerprint()
     plain = build_model(tiny(fusion="none", strategy="full"), small, tok)
-    torch.save({"model": plain.state_dict(), "data": data}, tmp_path / "plain.pt")
+    save_llm(tmp_path / "plain.pt", plain.state_dict(), data)
     user = build_model(tiny(strategy=strategy), small, tok)
     userllm.load_llm(user, str(tmp_path / "plain.pt"), small)
     batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets), "cpu")
@@ -66,20 +71,20 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
         assert (logits(user) - logits(plain)).abs().max() > 1e-2
     assert torch.equal(user.llm.transformer.wte.weight, plain.llm.transformer.wte.weight)
     other = build_model(tiny(fusion="none", strategy="full", n_embd=48), small, tok)
-    torch.save({"model": other.state_dict(), "data": data}, tmp_path / "other.pt")
+    save_llm(tmp_path / "other.pt", other.state_dict(), data)
     with pytest.raises(UserError, match="does not fit this model"):
         userllm.load_llm(user, str(tmp_path / "other.pt"), small)
     part = {k: v for k, v in plain.state_dict().items() if "h.1." not in k}
-    torch.save({"model": part, "data": data}, tmp_path / "part.pt")
+    save_llm(tmp_path / "part.pt", part, data)
     with pytest.raises(UserError, match="does not hold this model's GPT"):
         userllm.load_llm(user, str(tmp_path / "part.pt"), small)
     lora = build_model(tiny(fusion="none", strategy="lora"), small, tok)
-    torch.save({"model": lora.state_dict(), "data": data}, tmp_path / "lora.pt")
+    save_llm(tmp_path / "lora.pt", lora.state_dict(), data)
     if strategy != "lora":  # a LoRA run's adapters are never dropped silently
         with pytest.raises(UserError, match="no place for, e.g. .*lora_"):
             userllm.load_llm(user, str(tmp_path / "lora.pt"), small)
     other_data = {**data, "vocab_sizes": [500, 9, 11], "sha256": "0" * 16, "path": "/elsewhere"}
-    torch.save({"model": plain.state_dict(), "data": other_data}, tmp_path / "foreign.pt")
+    save_llm(tmp_path / "foreign.pt", plain.state_dict(), other_data)
     with pytest.raises(UserError, match="foreign.pt was trained on /elsewhere .*500/9/11.*, not on .*prep"):
         userllm.load_llm(user, str(tmp_path / "foreign.pt"), small)
 
@@ -122,3 +127,22 @@ def test_event_lookups_repeat_bit_for_bit_on_two_threads(module):
     first = grads()
     for _ in range(10):
         assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_one_line(small, tmp_path):
+    """An LLM's checkpoint given as encoder_ckpt, an encoder's as llm_ckpt: named in one line."""
+    tok = get_tokenizer("scratch")
+    save_llm(tmp_path / "llm.pt", build_model(tiny(), small, tok).state_dict(), small.fingerprint())
+    with pytest.raises(UserError, match="encoder_ckpt=.*llm.pt is a train_llm.py checkpoint, not an "
+                                        "encoder's"):
+        build_model(tiny(encoder_ckpt=str(tmp_path / "llm.pt")), small, tok)
+    save_checkpoint({"model": {}, "config": {}, "encoder_config": {}}, str(tmp_path / "enc.pt"))
+    with pytest.raises(UserError, match="llm_ckpt=.*enc.pt is a train_encoder.py checkpoint"):
+        userllm.load_llm(build_model(tiny(), small, tok), str(tmp_path / "enc.pt"), small)
+
+
+@pytest.mark.parametrize("key,value", [("xattn_every", 0), ("text_events", -1), ("fusion", "film"),
+                                       ("strategy", "all"), ("lora_rank", 0), ("n_latents", 0)])
+def test_llm_config_values_are_checked(key, value):
+    with pytest.raises(UserError, match=f"^config: {key}={value!r} is not allowed: it must be"):
+        configure(userllm.DEFAULTS, [f"--{key}={value}"], rules=userllm.RULES)
