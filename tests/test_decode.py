@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from decode import TREE_NODES, Trie, answer_logprobs, beam_search, generate, tree_logits, trie_chunks
+from decode import (TREE_NODES, Trie, answer_logprobs, beam_search, generate, top_answers, tree_logits,
+                    trie_chunks)
 from model import GPT, GPTConfig, KVCache, SoftPrompt
 
 
@@ -195,3 +196,22 @@ def test_memory_is_bounded_whatever_the_catalogue_size():
     some = [rng.randrange(len(answers)) for _ in range(5)]
     want = brute_force(model, idx, context, [answers[c] for c in some])
     torch.testing.assert_close(scores[:, some], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["xattn", "soft_prompt", "none"])
+@pytest.mark.parametrize("max_rows", [1, 3, 256])  # one prefix a call; a few; all at once
+def test_top_answers_are_the_top_of_every_answers_score(kind, max_rows):
+    """The best-first search returns the k best answers of the brute-force scores, in order, with their
+    scores, whatever the number of prefixes it expands a call; with k at least the catalogue's size it
+    returns every answer."""
+    model, context = model_and_context(kind)
+    idx = torch.randint(0, EOT, (3, 7))
+    want = brute_force(model, idx, context, ANSWERS)  # (3, C)
+    for k in (1, 4, len(ANSWERS)):
+        got = top_answers(model, idx, context, ANSWERS, k=k, max_rows=max_rows)
+        for b in range(3):
+            order = want[b].argsort(descending=True).tolist()[:k]
+            assert [a for a, _ in got[b]][:k] == order
+            torch.testing.assert_close(torch.tensor([s for _, s in got[b]][:k]), want[b, order],
+                                       atol=1e-5, rtol=1e-5)
+    assert sorted(a for a, _ in got[0]) == list(range(len(ANSWERS)))
