@@ -1,5 +1,5 @@
-"""Test setup and what several test files share. The GPT-2 tokenizer file ships in ../shared/tiktoken (no
-network here): tiktoken is pointed at it."""
+"""Test setup and what several test files share. The GPT-2 tokenizer file ships in
+../shared/tiktoken (no network here): tiktoken is pointed at it."""
 import json
 import os
 import subprocess
@@ -20,9 +20,10 @@ CORES = torch.get_num_threads()
 
 @pytest.fixture(autouse=True)
 def seeded(request):
-    """Every test starts from the same random state: no test passes or fails by luck of initialisation. Tests
-    run on one thread, the learning checks (marked slow) on every core: threads buy nothing on tiny models,
-    and on a busy machine they spin against each other (a tiny model's step was seen 50x slower)."""
+    """Every test starts from the same random state: no test passes or fails by luck of
+    initialisation. Tests run on one thread, the learning checks (marked slow) on every core:
+    threads buy nothing on tiny models, and on a busy machine they spin against each other (a tiny
+    model's step was seen 50x slower)."""
     import numpy as np
     torch.manual_seed(0)
     np.random.seed(0)
@@ -39,8 +40,8 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_encoder(synthetic, tmp_path_factory):
-    """The demo's AR encoder (configs/synthetic_enc.py), pretrained for 450 of its 600 steps to keep the suite
-    short (about 2 minutes; shared by the slow tests)."""
+    """The demo's AR encoder (configs/synthetic_enc.py), pretrained for 450 of its 600 steps to keep
+    the suite short (about 2 minutes; shared by the slow tests)."""
     import train_encoder
     torch.set_num_threads(CORES)  # the learning checks' shared fixture: every core
     out = tmp_path_factory.mktemp("encoder")
@@ -95,12 +96,13 @@ def losses(out_dir):
 
 
 def run_twice(script, data_dir, tmp_path, *args):
-    """The same run in one process and under torchrun --nproc_per_node=2 (gloo, one thread each), with the
-    global batch (16) split in 2 micro-batches, one per rank; returns the two out_dirs."""
+    """The same run in one process and under torchrun --nproc_per_node=2 (gloo, one thread each),
+    with the global batch (16) split in 2 micro-batches, one per rank; returns the two out_dirs."""
     args = [str(ROOT / script), f"--data_dir={data_dir}", *args, "--batch_size=16", "--log_interval=1",
             "--max_steps=4", "--eval_interval=2", "--grad_accum=2", "--warmup_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same summation order in every matmul
-    # --standalone: torchrun picks a free port (a fixed one can still be held by an earlier case's processes)
+    # --standalone: torchrun picks a free port (a fixed one can still be held by an earlier case's
+    # processes)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
         r = subprocess.run([*cmd, *args, f"--out_dir={tmp_path / out}"], cwd=ROOT, env=env, capture_output=True,

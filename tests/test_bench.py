@@ -1,5 +1,6 @@
-"""bench.py: fp32 against bf16 timing, the GPU check's command lines, failures and plumbing (end to end on
-CPU), MFU and peak lookup, the encoder throughput's target count, the preparation benchmark's input."""
+"""bench.py: fp32 against bf16 timing, the GPU check's command lines, failures and plumbing (end to
+end on CPU), MFU and peak lookup, the encoder throughput's target count, the preparation benchmark's
+input."""
 import json
 import sys
 import time
@@ -79,8 +80,8 @@ def test_gpu_check_fails_loudly_and_kills_a_run_past_its_time(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_gpu_check_end_to_end_on_cpu(synthetic, tmp_path):
-    """The whole check at a tiny shape, fp32 without compile: torchrun, both scripts, the fp16 GradScaler path (CPU
-    autocast), log reading and the table."""
+    """The whole check at a tiny shape, fp32 without compile: torchrun, both scripts, the fp16
+    GradScaler path (CPU autocast), log reading and the table."""
     rows = bench.main(["--gpu_check=True", "--gpu_check_steps=3", "--gpu_check_fp16_steps=1",
                        "--gpu_check_dtype=float32", "--gpu_check_compile=False", "--gpu_check_shape=(1, 2, 32)",
                        "--gpu_check_batch=(8, 4)", f"--gpu_check_dir={tmp_path}", f"--data_dir={synthetic}"])
@@ -91,8 +92,9 @@ def test_gpu_check_end_to_end_on_cpu(synthetic, tmp_path):
 
 
 def test_encoder_table_counts_the_targets_the_loss_predicts(small):
-    """targets/s: the AR encoder predicts the next event after each real history event, so targets/s is events/s times
-    the batch's real fraction (counted here from the same batch); a DualEnc predicts one label per example."""
+    """targets/s: the AR encoder predicts the next event after each real history event, so targets/s
+    is events/s times the batch's real fraction (counted here from the same batch); a DualEnc
+    predicts one label per example."""
     config = str(ROOT / "configs" / "synthetic_enc.py")
     row, = bench.encoder_table(config, small, batch_size=16, steps=1, device=torch.device("cpu"))
     ids = seeded_subset(small.targets("train"), 16, 0)
@@ -105,7 +107,8 @@ def test_encoder_table_counts_the_targets_the_loss_predicts(small):
 
 
 def test_prepare_benchmark_small(tmp_path, capsys):
-    """bench.py --prepare=True end to end on 3,000 events: the ml-20m-shaped input prepares whole."""
+    """bench.py --prepare=True end to end on 3,000 events: the ml-20m-shaped input prepares
+    whole."""
     cfg = configure(bench.DEFAULTS, ["--prepare_events=3000", f"--prepare_dir={tmp_path}", "--seed=0"])
     r = bench.bench_prepare(cfg, seconds=0.05)
     assert r['n_events'] == 3000 and r['n_users'] == 3000 // 145 and [b['N'] for b in r['batch']] == [50, 200]

@@ -1,5 +1,5 @@
-"""common.py: LR schedule, checkpoint I/O, world-size-independent batches, AdamW groups, the ranking metrics and
-the results table."""
+"""common.py: LR schedule, checkpoint I/O, world-size-independent batches, AdamW groups, the ranking
+metrics and the results table."""
 import errno
 import math
 import os
@@ -47,8 +47,8 @@ class Payload:
 
 @pytest.mark.parametrize("payload", [math.sqrt, Payload()])
 def test_checkpoint_refuses_pickled_code(tmp_path, payload):
-    """A pickled function, or a payload that would call os.system when unpickled, is refused as code,
-    in one line, and never run."""
+    """A pickled function, or a payload that would call os.system when unpickled, is refused as
+    code, in one line, and never run."""
     path = tmp_path / "evil.pt"
     torch.save({"model": payload}, path)
     with pytest.raises(UserError) as e:
@@ -58,8 +58,8 @@ def test_checkpoint_refuses_pickled_code(tmp_path, payload):
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
-    """A checkpoint carries a checksum of its content: one flipped byte in a weight is refused in one
-    line, not scored silently; a torch file that is no checkpoint of ours is named as such."""
+    """A checkpoint carries a checksum of its content: one flipped byte in a weight is refused in
+    one line, not scored silently; a torch file that is no checkpoint of ours is named as such."""
     path = tmp_path / "ckpt.pt"
     w = torch.arange(1000, dtype=torch.float32)
     save_checkpoint({"model": {"w": w}, "config": {"a": 1}}, str(path))
@@ -76,8 +76,8 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
-    """ENOSPC (or a read-only folder) while saving: one line naming the file; the temporary is removed
-    and the previous checkpoint stays whole."""
+    """ENOSPC (or a read-only folder) while saving: one line naming the file; the temporary is
+    removed and the previous checkpoint stays whole."""
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
 
@@ -94,7 +94,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
 
 
 def test_evaluation_batches_do_not_depend_on_world_size():
-    """Each rank evaluates whole batches of the single-process split, so every batch's numbers are the same."""
+    """Each rank evaluates whole batches of the single-process split, so every batch's numbers are
+    the same."""
     ids = np.arange(23)
     one = [(i, b.tolist()) for i, b in shard_batches(ids, 5)]
     assert [i for i, _ in one] == [0, 1, 2, 3, 4]
@@ -115,7 +116,8 @@ def test_micro_batches_do_not_depend_on_world_size():
 
 
 def test_adamw_groups_and_lr_multipliers():
-    """Matrices decay, vectors don't; lr_mult gives named parameters their own learning rate under the schedule."""
+    """Matrices decay, vectors don't; lr_mult gives named parameters their own learning rate under
+    the schedule."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     model.register_parameter("gate_attn", torch.nn.Parameter(torch.zeros(1)))
     opt = adamw(model, 0.5, 0.1, lr_mult={"gate_": 10.0})
@@ -145,7 +147,8 @@ def test_ranking_metrics_against_brute_force():
 
 
 def test_results_table_shows_every_rows_metrics(capsys):
-    """A model's row may hold metrics the reference rows lack (beam_recall@k): every row's metrics are printed."""
+    """A model's row may hold metrics the reference rows lack (beam_recall@k): every row's metrics
+    are printed."""
     print_table({"User-LLM": {"beam_recall@10": 0.25}, "most popular": {"recall@10": 0.0625}})
     header, model, popular = capsys.readouterr().out.splitlines()
     assert header.split() == ["beam_recall@10", "recall@10"]

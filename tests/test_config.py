@@ -1,5 +1,5 @@
-"""config.py: config files and --key=value overrides (typos and bad types are one-line errors), --help, and
-the one-line report of a UserError at every script's entry point."""
+"""config.py: config files and --key=value overrides (typos and bad types are one-line errors),
+--help, and the one-line report of a UserError at every script's entry point."""
 import os
 import subprocess
 import sys
@@ -42,7 +42,8 @@ def test_config_type_errors():
 
 
 def test_config_file_errors_are_one_line(tmp_path):
-    """A config file that is not valid Python, or fails when run, is one line: file, line, what is wrong."""
+    """A config file that is not valid Python, or fails when run, is one line: file, line, what is
+    wrong."""
     f = tmp_path / "c.py"
     f.write_text("lr = 3e-4\nmax_steps = (7\n")
     with pytest.raises(UserError, match=r"^config: .*c.py:2: .*(never closed|invalid syntax)"):
@@ -72,8 +73,8 @@ def test_every_script_answers_help(script, capsys):
 @pytest.mark.parametrize("args", [["train_encoder.py", "--n_layers=2"], ["eval.py", "--ckpt=missing.pt"],
                                   ["data.py", "--dataset=ml2m"], ["train_llm.py", "--fusion=film"]])
 def test_a_user_error_is_one_line_at_the_command_line(args, tmp_path):
-    """Library code raises UserError; the script's entry point prints its message as one line, exit code 1,
-    no traceback."""
+    """Library code raises UserError; the script's entry point prints its message as one line, exit
+    code 1, no traceback."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

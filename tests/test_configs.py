@@ -1,4 +1,5 @@
-"""Every config file resolves against its script's keys (a typo in a config is an error, so this catches drift)."""
+"""Every config file resolves against its script's keys (a typo in a config is an error, so this
+catches drift)."""
 import glob
 import os
 

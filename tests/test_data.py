@@ -1,5 +1,6 @@
-"""data.py: leakage-free splits for every user, windows cut from offsets, the favourite genre, resumable epochs,
-and the tasks as text: prompts, answers, TextPrompt's history, packed and mixed-history pretraining rows."""
+"""data.py: leakage-free splits for every user, windows cut from offsets, the favourite genre,
+resumable epochs, and the tasks as text: prompts, answers, TextPrompt's history, packed and
+mixed-history pretraining rows."""
 import os
 
 import numpy as np
@@ -97,7 +98,8 @@ def test_prompts_hold_what_they_claim(small):
 
 
 def test_packed_pretraining_rows(small):
-    """pack_examples: each row is the batch's previous examples, then its own, with targets on every answer."""
+    """pack_examples: each row is the batch's previous examples, then its own, with targets on every
+    answer."""
     tok = get_tokenizer("scratch")
     targets = small.targets("train")[:5]
     plain = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
@@ -117,8 +119,8 @@ def test_packed_pretraining_rows(small):
 
 
 def test_mixed_history_pretraining_prompts(small):
-    """mixed_history: each example writes out 0..K of its own user's last events (a function of the example), then
-    the query; the answer is unchanged."""
+    """mixed_history: each example writes out 0..K of its own user's last events (a function of the
+    example), then the query; the answer is unchanged."""
     tok = get_tokenizer("scratch")
     targets = small.targets("train")[:40]
     plain = Prompter(small, tok, "next_item", 0, 512, 64)

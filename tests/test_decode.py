@@ -1,6 +1,7 @@
-"""decode.py: generation and beam search with the KV cache, the catalogue trie, and exact ranking through the
-prompt's KV cache and the chunked prefix trie (tree_logits): equal to a full forward on prompt + answer, with
-cross-attention users and with a soft prompt, in memory that does not grow with the catalogue."""
+"""decode.py: generation and beam search with the KV cache, the catalogue trie, and exact ranking
+through the prompt's KV cache and the chunked prefix trie (tree_logits): equal to a full forward on
+prompt + answer, with cross-attention users and with a soft prompt, in memory that does not grow
+with the catalogue."""
 import math
 import random
 
@@ -20,8 +21,8 @@ def tiny(**kw):
 
 
 def model_and_context(kind, B=3, M=5):
-    """A random GPT and the user context GPT.forward takes: cross-attention (gates open), soft prompt or none.
-    Row 1 has two padded events, which must change nothing."""
+    """A random GPT and the user context GPT.forward takes: cross-attention (gates open), soft
+    prompt or none. Row 1 has two padded events, which must change nothing."""
     torch.manual_seed(0)
     user, mask = torch.randn(B, M, D), torch.ones(B, M, dtype=torch.bool)
     mask[1, :2] = False
@@ -40,7 +41,8 @@ def model_and_context(kind, B=3, M=5):
 
 @torch.no_grad()
 def brute_force(llm, idx, context, answers):
-    """The former answer_logprobs: one full forward over prompt + answer per (example, answer), (B*C, P + L - 1)."""
+    """The former answer_logprobs: one full forward over prompt + answer per (example, answer),
+    (B*C, P + L - 1)."""
     B, C, P = idx.size(0), len(answers), idx.size(1)
     L = max(len(a) for a in answers)
     ans = torch.full((C, L), EOT, dtype=torch.long)
@@ -55,7 +57,8 @@ def brute_force(llm, idx, context, answers):
     return picked.sum(1).view(B, C)
 
 
-# shared prefixes of several depths, different lengths, a one-token answer, one answer the prefix of another's tokens
+# shared prefixes of several depths, different lengths, a one-token answer, one answer the prefix of
+# another's tokens
 ANSWERS = [[5, 6, 7, EOT], [5, 6, 8, EOT], [5, 6, EOT], [5, 9, 9, 9, 9, 1, EOT], [12, EOT], [EOT], [5, 6, 7, 3, EOT],
            [40, 41, 42, 43, 44, 45, 46, 47, EOT], [40, 41, 2, EOT], [12, 13, EOT], [7, EOT]]
 
@@ -114,7 +117,8 @@ def test_beam_search_sorted_and_scores_match_forward():
             n_finished += tokens[-1] == eos
             assert math.isclose(score, sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)), abs_tol=1e-4)
     assert n_finished > 0
-    # the best hypothesis is at least as likely as greedy's (beam search explores a superset of greedy's path)
+    # the best hypothesis is at least as likely as greedy's (beam search explores a superset of
+    # greedy's path)
     greedy = beam_search(model, idx, 1, 6, eos=eos, **inputs)
     assert all(beams[b][0][1] >= greedy[b][0][1] - 1e-5 for b in range(3))
 
@@ -133,7 +137,8 @@ def test_beam_search_honours_allowed():
         assert len(beams[b]) == 3 and all(t in catalogue for t, _ in beams[b])
         scores = [s for _, s in beams[b]]
         assert scores == sorted(scores, reverse=True)
-        # the exact top 3 of the 4 catalogue items (the catalogue is small enough for beam 4 to score them all)
+        # the exact top 3 of the 4 catalogue items (the catalogue is small enough for beam 4 to
+        # score them all)
         exact = sorted((sequence_logprob(model, idx[b:b + 1], c, row(inputs, b)) for c in catalogue), reverse=True)
         for s, e in zip(scores, exact[:3]):
             assert math.isclose(s, e, abs_tol=1e-4)
@@ -175,9 +180,10 @@ def test_tree_logits_are_a_plain_forward_of_each_path_and_leave_the_cache():
 
 
 def test_memory_is_bounded_whatever_the_catalogue_size():
-    """A MovieLens-20M-sized catalogue (27,000 random titles of 2-8 tokens): every call feeds the GPT at most
-    B x TREE_NODES tokens, so its logits stay (B, TREE_NODES, V) however many titles there are, and a prefix shared
-    by many titles is fed about once (chunk boundaries add a few %)."""
+    """A MovieLens-20M-sized catalogue (27,000 random titles of 2-8 tokens): every call feeds the
+    GPT at most B x TREE_NODES tokens, so its logits stay (B, TREE_NODES, V) however many titles
+    there are, and a prefix shared by many titles is fed about once (chunk boundaries add a few
+    %)."""
     model, context = model_and_context("xattn", B=2)
     rng = random.Random(0)
     titles = set()
@@ -201,9 +207,9 @@ def test_memory_is_bounded_whatever_the_catalogue_size():
 @pytest.mark.parametrize("kind", ["xattn", "soft_prompt", "none"])
 @pytest.mark.parametrize("max_rows", [1, 3, 256])  # one prefix a call; a few; all at once
 def test_top_answers_are_the_top_of_every_answers_score(kind, max_rows):
-    """The best-first search returns the k best answers of the brute-force scores, in order, with their
-    scores, whatever the number of prefixes it expands a call; with k at least the catalogue's size it
-    returns every answer."""
+    """The best-first search returns the k best answers of the brute-force scores, in order, with
+    their scores, whatever the number of prefixes it expands a call; with k at least the catalogue's
+    size it returns every answer."""
     model, context = model_and_context(kind)
     idx = torch.randint(0, EOT, (3, 7))
     want = brute_force(model, idx, context, ANSWERS)  # (3, C)

@@ -1,5 +1,6 @@
-"""Tests for encoder.py (paper Sec 3.1, App. A): shapes, causality, tied weights, padding invariance, cloze masking,
-and that each encoder can fit a tiny batch. Random tensors only; CPU. Run: python -m pytest tests/test_encoder.py -q"""
+"""Tests for encoder.py (paper Sec 3.1, App. A): shapes, causality, tied weights, padding
+invariance, cloze masking, and that each encoder can fit a tiny batch. Random tensors only; CPU.
+Run: python -m pytest tests/test_encoder.py -q"""
 import dataclasses
 import json
 
@@ -18,8 +19,9 @@ SEEN = ["ar-seen", "bert4rec-seen", "dual-seen"]  # with seen_bias=True, the bia
 
 
 def make(name, seed=0, noise=0.0, **kw):
-    """A small model in eval mode. noise > 0 adds N(0, noise^2) to every parameter: at the GPT-2 init all logits are
-    near 0, so a loss that wrongly counts an extra position would still read log(V) and a test could not see it."""
+    """A small model in eval mode. noise > 0 adds N(0, noise^2) to every parameter: at the GPT-2
+    init all logits are near 0, so a loss that wrongly counts an extra position would still read
+    log(V) and a test could not see it."""
     torch.manual_seed(seed)
     kind = name.split("-")[0]
     if name == "dual-fav":
@@ -36,7 +38,8 @@ def make(name, seed=0, noise=0.0, **kw):
 
 
 def random_batch(n_real=(6, 4, 2, 1), N=6, seed=0):
-    """Left-padded batch: row b has n_real[b] real history events. Item ids are all distinct (every prefix unique)."""
+    """Left-padded batch: row b has n_real[b] real history events. Item ids are all distinct (every
+    prefix unique)."""
     g = torch.Generator().manual_seed(seed)
     B = len(n_real)
     pad = torch.arange(N)[None] < (N - torch.tensor(n_real))[:, None]  # (B, N), True at padding
@@ -111,7 +114,8 @@ def test_causality(name):
 
 @pytest.mark.parametrize("name", ["ar", "bert4rec"])
 def test_tied_weights(name):
-    """The output layer of feature f is feature f's input table: one Parameter, and changing it changes both uses."""
+    """The output layer of feature f is feature f's input table: one Parameter, and changing it
+    changes both uses."""
     m, hist = make(name), random_batch(n_real=(6, 6))["hist"]
     for f, table in enumerate(m.trunk.wte):
         assert sum(p is table.weight for p in m.parameters()) == 1
@@ -141,7 +145,8 @@ def test_tied_weights(name):
 
 @pytest.mark.parametrize("name", ALL + SEEN)
 def test_padding_invariance(name):
-    """Extra left padding and garbage in padding events change neither scores nor embeddings of real events."""
+    """Extra left padding and garbage in padding events change neither scores nor embeddings of real
+    events."""
     m, hist = make(name, noise=0.3), random_batch()["hist"]
     more = repad(hist)
     assert not torch.equal(more[1][more[0] == 0], torch.zeros_like(more[1][more[0] == 0]))  # garbage really there
@@ -158,8 +163,8 @@ def test_padding_invariance(name):
 
 @pytest.mark.parametrize("name", ["ar", "dual", "dual-fav", "ar-seen", "dual-seen"])
 def test_loss_ignores_padding(name):
-    """Same real events, more padding (row 0 goes from none to some) and garbage in it: same loss. A changed real
-    event does change it (the comparison can fail)."""
+    """Same real events, more padding (row 0 goes from none to some) and garbage in it: same loss. A
+    changed real event does change it (the comparison can fail)."""
     m, b = make(name, noise=0.3), random_batch()
     with torch.no_grad():
         base = m.loss(b)
@@ -170,7 +175,8 @@ def test_loss_ignores_padding(name):
 
 
 def test_bert4rec_cloze_loss_ignores_padding():
-    """The cloze loss of the same masked real events does not depend on padding (masking is random, so fix it)."""
+    """The cloze loss of the same masked real events does not depend on padding (masking is random,
+    so fix it)."""
     m, b = make("bert4rec", noise=0.3), random_batch()
     seq = [torch.cat([h, t[:, None]], 1) for h, t in zip(b["hist"], b["target"])]
     seq_more = [torch.cat([h, t[:, None]], 1) for h, t in zip(repad(b["hist"]), b["target"])]
@@ -181,7 +187,8 @@ def test_bert4rec_cloze_loss_ignores_padding():
 
 
 def test_bert4rec_masking():
-    """At least one real event per sequence, never padding, about mask_prob of the real events, all features at once."""
+    """At least one real event per sequence, never padding, about mask_prob of the real events, all
+    features at once."""
     m = make("bert4rec")
     torch.manual_seed(0)
     n_real = torch.tensor([0, 1, 2, 5, 12] * 200)  # includes an all-padding row and single-event rows
@@ -213,8 +220,9 @@ def test_special_columns_are_minus_inf(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_overfits_tiny_batch(name):
-    """A few hundred Adam steps fit 4 users: the loss collapses and the true next label ranks first for every row.
-    Bert4Rec gets more steps: its random cloze masks make each step see only part of the sequence."""
+    """A few hundred Adam steps fit 4 users: the loss collapses and the true next label ranks first
+    for every row. Bert4Rec gets more steps: its random cloze masks make each step see only part of
+    the sequence."""
     m, b = make(name), random_batch()
     m.train()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
@@ -241,7 +249,8 @@ def test_seen_ids():
 
 @pytest.mark.parametrize("name", SEEN)
 def test_seen_bias_moves_exactly_the_seen_items(name):
-    """The scores with the seen bias b are the scores without it plus b on each row's history items, nothing else."""
+    """The scores with the seen bias b are the scores without it plus b on each row's history items,
+    nothing else."""
     m, hist = make(name, noise=0.3), random_batch()["hist"]
     with torch.no_grad():
         s1 = m.scores(hist)
@@ -257,8 +266,8 @@ def test_seen_bias_moves_exactly_the_seen_items(name):
 
 @pytest.mark.parametrize("repeat", [False, True])
 def test_seen_bias_learns_whether_users_repeat(repeat):
-    """Trained from 0 on users who never come back to an item the bias goes below 0; on users whose next item is always
-    one of their history's, above: the loss sets it, it is not a mask."""
+    """Trained from 0 on users who never come back to an item the bias goes below 0; on users whose
+    next item is always one of their history's, above: the loss sets it, it is not a mask."""
     m = make("ar-seen")
     with torch.no_grad():
         m.seen_bias.zero_()

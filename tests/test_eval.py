@@ -1,5 +1,5 @@
-"""eval.py: the plain ranking (one forward per title) equals the fast trie ranking, score for score and metric
-for metric; an encoder checkpoint's table holds most popular and the oracle."""
+"""eval.py: the plain ranking (one forward per title) equals the fast trie ranking, score for score
+and metric for metric; an encoder checkpoint's table holds most popular and the oracle."""
 import json
 import shutil
 
@@ -18,8 +18,9 @@ from userllm import build_model
 
 @pytest.mark.parametrize("kind", ["xattn", "soft_prompt", "none"])
 def test_title_logprobs_equal_the_trie_scores(kind):
-    """title_logprobs, the form a reader meets first (a forward over prompt + title for every title), gives the
-    trie's numbers, with a user context of each kind; a changed answer changes its score."""
+    """title_logprobs, the form a reader meets first (a forward over prompt + title for every
+    title), gives the trie's numbers, with a user context of each kind; a changed answer changes its
+    score."""
     model, context = model_and_context(kind)
     idx = torch.randint(0, EOT, (3, 7))
     plain = evaluation.title_logprobs(model, idx, context, ANSWERS)
@@ -30,7 +31,8 @@ def test_title_logprobs_equal_the_trie_scores(kind):
 
 def test_evaluate_llm_is_the_same_with_and_without_the_search(small):
     """The whole next-item evaluation of a User-LLM (random weights, gates open) gives the same
-    metrics through the top-10 search (--fast=True) and through every title's score (--fast=False)."""
+    metrics through the top-10 search (--fast=True) and through every title's score
+    (--fast=False)."""
     torch.manual_seed(0)
     tok = get_tokenizer("scratch")
     model = build_model(tiny_llm(strategy="full"), small, tok).eval()
@@ -47,8 +49,8 @@ def test_evaluate_llm_is_the_same_with_and_without_the_search(small):
 
 def test_a_checkpoint_is_refused_on_data_whose_text_changed(small, tmp_path):
     """The fingerprint covers the text an LLM reads and writes: the same events with one title
-    changed are other data, refused in one line. Each evaluation writes its own file: every test user
-    (eval_test.json) and a seeded subset (eval_test_10.json) do not overwrite each other."""
+    changed are other data, refused in one line. Each evaluation writes its own file: every test
+    user (eval_test.json) and a seeded subset (eval_test_10.json) do not overwrite each other."""
     data = tmp_path / "data"
     shutil.copytree(small.path, data)
     train_llm.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--max_steps=0",

@@ -1,5 +1,5 @@
-"""flops.py (paper Table 3, Sec 4.4): the 6ND arithmetic, token counts against an independent count, the FLOP
-counter against 6·params·tokens, and the Perceiver's saving in soft-prompt positions."""
+"""flops.py (paper Table 3, Sec 4.4): the 6ND arithmetic, token counts against an independent count,
+the FLOP counter against 6·params·tokens, and the Perceiver's saving in soft-prompt positions."""
 import types
 
 import numpy as np
@@ -58,10 +58,11 @@ def test_textprompt_tokens_grow_with_n_while_user_llm_stays(small):
 
 
 def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
-    """Tolerance 10% against 6·N·D with N = every GPT parameter: the counter also counts the attention scores (QK^T
-    and AV: 4·L·T·C per token forward, 10·L·T·C backward as the counter's formula recomputes the scores; 4% here),
-    which 6N leaves out, and N includes biases, LayerNorms and position embeddings that do no matmul (5% here).
-    Exactly: 6 x matmul weights x tokens + the attention term."""
+    """Tolerance 10% against 6·N·D with N = every GPT parameter: the counter also counts the
+    attention scores (QK^T and AV: 4·L·T·C per token forward, 10·L·T·C backward as the counter's
+    formula recomputes the scores; 4% here), which 6N leaves out, and N includes biases, LayerNorms
+    and position embeddings that do no matmul (5% here). Exactly: 6 x matmul weights x tokens + the
+    attention term."""
     tok = get_tokenizer("scratch")
     model = build_model(tiny(fusion="none"), small, tok)
     gpt, c = model.llm, model.llm.config

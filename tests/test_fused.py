@@ -1,5 +1,5 @@
-"""fused.py: the encoder's fused cross-entropy equals the plain form (loss and every gradient), through the
-EncoderConfig.fused_loss flag and kernel by kernel."""
+"""fused.py: the encoder's fused cross-entropy equals the plain form (loss and every gradient),
+through the EncoderConfig.fused_loss flag and kernel by kernel."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,11 @@ from test_encoder import VOCAB, make
 
 @pytest.mark.parametrize("name", ["ar", "bert4rec", "ar-seen", "bert4rec-seen"])
 def test_fused_loss_equals_the_plain_per_feature_cross_entropy(name):
-    """fused_loss=True (only the positions with a target, only the real columns, chunked) gives the loss and
-    gradients of the plain form the reader meets first (every position's tied logits with -inf columns, then
-    masked_cross_entropy). An all-padding row, a feature without targets and a zero loss weight included; a
-    changed target does change it. With the seen bias: seen ids with padding among them, its own gradient."""
+    """fused_loss=True (only the positions with a target, only the real columns, chunked) gives the
+    loss and gradients of the plain form the reader meets first (every position's tied logits with
+    -inf columns, then masked_cross_entropy). An all-padding row, a feature without targets and a
+    zero loss weight included; a changed target does change it. With the seen bias: seen ids with
+    padding among them, its own gradient."""
     m = make(name, noise=0.3, loss_weights=(1.0, 0.5, 0.0))
     h = torch.randn(4, 7, 32, requires_grad=True)
     targets = [torch.randint(0, v, (4, 7)) for v in VOCAB]
@@ -41,10 +42,10 @@ def test_fused_loss_equals_the_plain_per_feature_cross_entropy(name):
 
 @pytest.mark.parametrize("seen", [False, True])
 def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch, seen):
-    """The chunked, fused cross-entropy: the loss and gradients of F.cross_entropy(x @ w.T), over chunk
-    boundaries (K = 10 rows, chunks of 4) and for no rows at all; a changed target changes it. seen: with a bias
-    b on the columns each row lists (repeats and -1 = none among them), its gradient included; the reference
-    built by a loop."""
+    """The chunked, fused cross-entropy: the loss and gradients of F.cross_entropy(x @ w.T), over
+    chunk boundaries (K = 10 rows, chunks of 4) and for no rows at all; a changed target changes it.
+    seen: with a bias b on the columns each row lists (repeats and -1 = none among them), its
+    gradient included; the reference built by a loop."""
     monkeypatch.setattr(fused.LinearCrossEntropy, "CHUNK", 4)
     x, w = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     y = torch.randint(0, 30, (10,))

@@ -1,5 +1,6 @@
-"""gpt2.py: GPT-2 checkpoints load one-to-one (checked against a tiny random GPT-2 made by transformers), the
-.safetensors reader needs no package, and offline a missing checkpoint is one line saying where to put it."""
+"""gpt2.py: GPT-2 checkpoints load one-to-one (checked against a tiny random GPT-2 made by
+transformers), the .safetensors reader needs no package, and offline a missing checkpoint is one
+line saying where to put it."""
 import os
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def test_load_gpt2_matches_transformers(tmp_path, safe):
                                                               n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
     hf.save_pretrained(tmp_path, safe_serialization=safe)
     if not (tmp_path / "pytorch_model.bin").exists() and not safe:
-        # transformers >= 5 writes safetensors only; write the .bin the way the hub's gpt2 has it: GPT2Model names
-        # (no "transformer." prefix) plus the causal-mask buffers attn.bias / attn.masked_bias
+        # transformers >= 5 writes safetensors only; write the .bin the way the hub's gpt2 has it:
+        # GPT2Model names (no "transformer." prefix) plus the causal-mask buffers attn.bias /
+        # attn.masked_bias
         sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
         for i in range(2):
             sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
@@ -54,7 +56,8 @@ def test_load_gpt2_matches_transformers(tmp_path, safe):
         ref = hf(idx).logits
     ours = load_gpt2(str(tmp_path)).eval()
     torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
-    # new modules load untouched weights around them and start as the identity (gates at Flamingo's 0)
+    # new modules load untouched weights around them and start as the identity (gates at Flamingo's
+    # 0)
     x = load_gpt2(str(tmp_path), d_user=D, lora_rank=2, dropout=0.0, gate_init=0.0).eval()
     user, mask = user_batch(B=2)
     torch.testing.assert_close(x(idx, user=user, user_mask=mask)[0], ref, atol=1e-5, rtol=0)

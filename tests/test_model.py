@@ -1,5 +1,5 @@
-"""model.py (Sec 3.2): the gates and LoRA start as the identity, gradients reach a gate at zero, padded events
-change nothing, the shared Block's signature."""
+"""model.py (Sec 3.2): the gates and LoRA start as the identity, gradients reach a gate at zero,
+padded events change nothing, the shared Block's signature."""
 import torch
 
 from model import GPT, Block, GPTConfig, LoRALinear, SoftPrompt
@@ -57,8 +57,8 @@ def test_gate_gradients_flow_at_zero():
 
 
 def test_gates_started_off_zero_teach_the_cross_attention_from_the_first_step():
-    """gate_init > 0 (the training recipe, userllm.DEFAULTS): the cross-attention gets a gradient at once, and the
-    LLM's output is still the plain LLM's up to the gate's tiny contribution."""
+    """gate_init > 0 (the training recipe, userllm.DEFAULTS): the cross-attention gets a gradient at
+    once, and the LLM's output is still the plain LLM's up to the gate's tiny contribution."""
     base, x = twins(d_user=D, gate_init=0.01)
     idx = torch.randint(0, 61, (3, 10))
     user, mask = user_batch()

@@ -1,4 +1,5 @@
-"""perceiver.py: output size independent of N, padding invariance, gradients, and use in front of both fusions."""
+"""perceiver.py: output size independent of N, padding invariance, gradients, and use in front of
+both fusions."""
 import torch
 import torch.nn.functional as F
 
@@ -58,9 +59,10 @@ def test_in_front_of_both_fusions():
 
 
 def test_each_latent_starts_by_reading_one_recent_event():
-    """At init latent m reads mostly the event with recency m (the read bias), so the resampler starts by handing on
-    the latest 16 events, distinct and user-dependent, as the cross-attention without it sees them; its training
-    then learns what to keep of the older ones. Without that bias its outputs start as 16 near-copies of one average."""
+    """At init latent m reads mostly the event with recency m (the read bias), so the resampler
+    starts by handing on the latest 16 events, distinct and user-dependent, as the cross-attention
+    without it sees them; its training then learns what to keep of the older ones. Without that bias
+    its outputs start as 16 near-copies of one average."""
     torch.manual_seed(0)
     p = PerceiverResampler(128, n_latents=16, max_events=51).eval()
     x, mask = torch.randn(64, 50, 128), torch.ones(64, 50, dtype=torch.bool)
@@ -76,9 +78,10 @@ def test_each_latent_starts_by_reading_one_recent_event():
 
 
 def test_each_latent_starts_as_its_event():
-    """At init latent m hands on the event it reads (with its recency embedding), normalised: the value and output
-    projections start as the identity and the FFWs at zero. The control, PyTorch's random init of those layers, hands
-    on a random linear map of it plus a random FFW's output (cosine 0.03 measured, against 0.999)."""
+    """At init latent m hands on the event it reads (with its recency embedding), normalised: the
+    value and output projections start as the identity and the FFWs at zero. The control, PyTorch's
+    random init of those layers, hands on a random linear map of it plus a random FFW's output
+    (cosine 0.03 measured, against 0.999)."""
     torch.manual_seed(0)
     x, mask = torch.randn(64, 50, 128), torch.ones(64, 50, dtype=torch.bool)
 
@@ -95,8 +98,8 @@ def test_each_latent_starts_as_its_event():
 
 
 def test_order_matters():
-    """Two real events trading places change the output (the recency embedding and the read bias both see the order);
-    the control without either: attention over a set cannot tell."""
+    """Two real events trading places change the output (the recency embedding and the read bias
+    both see the order); the control without either: attention over a set cannot tell."""
     torch.manual_seed(0)
     p = PerceiverResampler(32, n_latents=4, max_events=11).eval()
     x, mask = torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.bool)

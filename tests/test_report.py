@@ -1,6 +1,6 @@
-"""report.py: results over seeds as mean ± sd, the paper's Fig. 3, loss curves and time to quality as SVG
-(parsed back and checked against the runs they were drawn from), and --catalogue: what a GPT without user
-context knows of the catalogue."""
+"""report.py: results over seeds as mean ± sd, the paper's Fig. 3, loss curves and time to quality
+as SVG (parsed back and checked against the runs they were drawn from), and --catalogue: what a GPT
+without user context knows of the catalogue."""
 import dataclasses
 import json
 import math
@@ -98,7 +98,8 @@ def test_labels_are_escaped(tmp_path):
 
 
 def encoder_run(path, kind, seed, rows):
-    """An out_dir as train_encoder.py leaves it: config.json and log.jsonl (rows written as given)."""
+    """An out_dir as train_encoder.py leaves it: config.json and log.jsonl (rows written as
+    given)."""
     path.mkdir()
     (path / "config.json").write_text(json.dumps({**encoder.DEFAULTS, "kind": kind, "seed": seed}))
     (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -169,10 +170,10 @@ def test_average_ranks_share_ties():
 
 
 def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
-    """report.py --catalogue: the probability the titles hold after the query equals a brute-force sum over the
-    catalogue; a GPT whose title log-probabilities follow the training counts scores Spearman 1 and 10 of 10,
-    and its one list's Recall on every test user is most popular's; a model with user context, or an encoder,
-    is refused in one line."""
+    """report.py --catalogue: the probability the titles hold after the query equals a brute-force
+    sum over the catalogue; a GPT whose title log-probabilities follow the training counts scores
+    Spearman 1 and 10 of 10, and its one list's Recall on every test user is most popular's; a model
+    with user context, or an encoder, is refused in one line."""
     torch.manual_seed(0)
     tok, cfg = get_tokenizer("scratch"), tiny(fusion="none", strategy="full")
     m = build_model(cfg, small, tok).eval()

@@ -1,6 +1,6 @@
-"""sources.py: the publishers' formats read on small files written here (MovieLens 20M/1M/100K, Amazon, Google
-Local), bad input counted or, in strict mode, named by file and line; downloads (file:// URLs) and broken
-archives; the synthetic generator and its oracle."""
+"""sources.py: the publishers' formats read on small files written here (MovieLens 20M/1M/100K,
+Amazon, Google Local), bad input counted or, in strict mode, named by file and line; downloads
+(file:// URLs) and broken archives; the synthetic generator and its oracle."""
 import gzip
 import json
 import zipfile
@@ -65,7 +65,8 @@ def test_movielens_csv_reader(tmp_path, capsys):
     assert d.item_titles[d.item_ids.index(2)] == "American President, The (1995)"
     assert d.item_titles[d.item_ids.index(5)] == "Caf\ufffd, Le (2001)"
     genre = {d.item_ids[i]: d.genre_names[g] for i, g in zip(d.feats[0], d.feats[1])}
-    # least frequent genre across the catalogue, ties to the first listed; "(no genres listed)" is a genre
+    # least frequent genre across the catalogue, ties to the first listed; "(no genres listed)" is a
+    # genre
     assert genre == {1: "Adventure", 2: "Drama", 3: "Action", 4: "(no genres listed)", 5: "Romance"}
     u1 = slice(d.offsets[0], d.offsets[1])
     assert [d.item_ids[i] for i in d.feats[0][u1]] == [1, 4, 3, 2]  # by time; the tie at 1001 keeps file order
@@ -177,7 +178,8 @@ def test_google_reader_plain_and_null_fields(tmp_path, capsys):
 def test_strict_mode_names_file_and_line(tmp_path):
     write(tmp_path / "raw" / "ratings.csv", ML20M_RATINGS)
     write(tmp_path / "raw" / "movies.csv", ML20M_MOVIES.replace(b"\xe9", b"e"))
-    # the duplicate on line 6 (found after reading) comes before the unknown id (8) and the missing field (9)
+    # the duplicate on line 6 (found after reading) comes before the unknown id (8) and the missing
+    # field (9)
     with pytest.raises(UserError, match=r"ratings\.csv:6: duplicate \(strict mode\)"):
         prep(tmp_path, "ml20m", strict=True)
 
@@ -235,7 +237,8 @@ def _amazon_rev(u, i, y, t, **kw):
 
 
 def _gzip_cut(rows, frac=0.5):
-    """Gzipped JSON lines cut at frac of their bytes, and how many whole lines the cut file still holds."""
+    """Gzipped JSON lines cut at frac of their bytes, and how many whole lines the cut file still
+    holds."""
     gz = gzip.compress(_jsonl(rows))
     cut = gz[:int(len(gz) * frac)]
     return cut, zlib.decompressobj(31).decompress(cut).count(b"\n")

@@ -1,6 +1,6 @@
-"""train_encoder.py: exact resume, validation apart from training, 2 processes equal 1, the NaN stop, config
-errors before any write, checkpoints only with their own data; and the learning checks on the synthetic
-default against its oracle (slow)."""
+"""train_encoder.py: exact resume, validation apart from training, 2 processes equal 1, the NaN
+stop, config errors before any write, checkpoints only with their own data; and the learning checks
+on the synthetic default against its oracle (slow)."""
 import json
 import os
 
@@ -27,8 +27,9 @@ def run_encoder(data_dir, out_dir, *args):
 
 @pytest.mark.parametrize("kind", ["ar", "bert4rec"])
 def test_resume_is_exact(small300, tmp_path, kind):
-    """6 steps == 3 steps + kill + resume + 3 steps, bit for bit (dropout on, and Bert4Rec's random masks), with
-    the same log: no step twice, no validation lost; a killed save's temporary file is removed."""
+    """6 steps == 3 steps + kill + resume + 3 steps, bit for bit (dropout on, and Bert4Rec's random
+    masks), with the same log: no step twice, no validation lost; a killed save's temporary file is
+    removed."""
     common = ["--dropout=0.2", "--lr_decay_steps=6", "--eval_interval=3", "--warmup_steps=2", f"--kind={kind}"]
     run_encoder(small300, tmp_path / "a", "--max_steps=6", *common)
     run_encoder(small300, tmp_path / "b", "--max_steps=3", *common)
@@ -45,8 +46,8 @@ def test_resume_is_exact(small300, tmp_path, kind):
 
 
 def test_validation_does_not_change_training(small300, tmp_path):
-    """How often a run validates changes none of its training steps: validation's random draws (Bert4Rec's cloze
-    masks in its loss) are seeded apart from training's."""
+    """How often a run validates changes none of its training steps: validation's random draws
+    (Bert4Rec's cloze masks in its loss) are seeded apart from training's."""
     common = ["--kind=bert4rec", "--dropout=0.2", "--max_steps=6", "--warmup_steps=2"]
     run_encoder(small300, tmp_path / "a", "--eval_interval=3", *common)
     run_encoder(small300, tmp_path / "b", "--eval_interval=1", *common)
@@ -54,8 +55,8 @@ def test_validation_does_not_change_training(small300, tmp_path):
 
 
 def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(small300, tmp_path):
-    """Resuming with the parameters split differently (here the seen bias's own learning rate; in train_llm.py
-    another strategy) is a one-line error, not a traceback."""
+    """Resuming with the parameters split differently (here the seen bias's own learning rate; in
+    train_llm.py another strategy) is a one-line error, not a traceback."""
     run_encoder(small300, tmp_path / "a", "--max_steps=1", "--seen_bias=True", "--seen_bias_lr_mult=1.0")
     with pytest.raises(UserError, match="optimizer state does not fit this run's trained parameters"):
         run_encoder(small300, tmp_path / "a", "--max_steps=2", "--seen_bias=True", "--init_from=resume")
@@ -93,8 +94,8 @@ def test_nothing_is_written_before_the_config_is_valid(small300, tmp_path, monke
 
 
 def test_a_kill_between_the_two_saves_leaves_no_stale_best(small300, tmp_path, monkeypatch):
-    """Killed after the first of a validation's two saves (best.pt, ckpt.pt), the resumed run ends with a
-    best.pt holding the best validation its log shows."""
+    """Killed after the first of a validation's two saves (best.pt, ckpt.pt), the resumed run ends
+    with a best.pt holding the best validation its log shows."""
     common = ["--dropout=0.1", "--eval_interval=2", "--max_steps=6", "--lr=3e-3", "--warmup_steps=1"]
     run_encoder(small300, tmp_path / "a", *common)
     val = [r for r in log_rows(tmp_path / "a") if "val_recall@10" in r]
@@ -143,8 +144,8 @@ def test_the_log_survives_kills(small300, tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_is_used_only_with_its_own_data(small300, tmp_path, capsys):
-    """eval.py (and train_llm.py's encoder_ckpt/llm_ckpt, and resume) refuse data the checkpoint was not trained on,
-    and find the data from any working directory (the path is stored absolute)."""
+    """eval.py (and train_llm.py's encoder_ckpt/llm_ckpt, and resume) refuse data the checkpoint was
+    not trained on, and find the data from any working directory (the path is stored absolute)."""
     other = data.prepare(data.config(n_users=120, n_items=60, n_genres=4, raw_dir=str(tmp_path / "raw"),
                                      out_dir=str(tmp_path / "other")))
     run_encoder(small300, tmp_path / "enc", "--max_steps=1")
@@ -193,7 +194,8 @@ def evaluate(out_dir, data_dir):
 
 @pytest.mark.slow
 def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
-    """Sec 3.1's encoder on data with a known answer: >= 80% of the oracle's test Recall@10, far above most-popular."""
+    """Sec 3.1's encoder on data with a known answer: >= 80% of the oracle's test Recall@10, far
+    above most-popular."""
     rows = evaluate(pretrained_encoder, synthetic)
     oracle = sources.oracle_recall(data.UserData(synthetic), "test", ks=(10,))["recall@10"]
     model, popular = rows["ar encoder"]["recall@10"], rows["most popular"]["recall@10"]
@@ -204,7 +206,8 @@ def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,steps", [("bert4rec", 200), ("dual", 400)])
 def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind, steps):
-    """The paper's baseline encoders (Table 2) learn too: a short run already beats most-popular clearly."""
+    """The paper's baseline encoders (Table 2) learn too: a short run already beats most-popular
+    clearly."""
     train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}",
                         f"--out_dir={tmp_path}",
                         f"--kind={kind}", f"--max_steps={steps}", f"--eval_interval={steps}", "--eval_examples=500"])
@@ -215,8 +218,9 @@ def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind, steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ar", "bert4rec"])
 def test_two_processes_equal_one(small300, tmp_path, kind):
-    """torchrun --nproc_per_node=2 computes what one process computes, dropout and Bert4Rec's masks on: the same
-    global batches, the same random draws, the same losses, weights and Adam moments."""
+    """torchrun --nproc_per_node=2 computes what one process computes, dropout and Bert4Rec's masks
+    on: the same global batches, the same random draws, the same losses, weights and Adam
+    moments."""
     one, two = run_twice("train_encoder.py", small300, tmp_path, f"--kind={kind}", "--n_layer=1", "--n_embd=32",
                          "--feature_dims=(16, 8, 8)", "--dropout=0.1",
                          "--eval_examples=300")  # validation spans two batches: one for each rank

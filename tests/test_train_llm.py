@@ -1,5 +1,6 @@
-"""train_llm.py: the gates are logged, the fusion layers get their learning rates, 2 processes equal 1; and
-learning on the synthetic default: User-LLM beats the same LLM without user context (slow)."""
+"""train_llm.py: the gates are logged, the fusion layers get their learning rates, 2 processes equal
+1; and learning on the synthetic default: User-LLM beats the same LLM without user context
+(slow)."""
 import json
 import os
 
@@ -16,8 +17,9 @@ from userllm import DEFAULTS, build_model
 
 
 def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_path):
-    """log.jsonl carries tanh of every gate (what the progress bar shows), equal to the trained model's; the fusion
-    layers train at fusion_lr_mult x lr and the gates at gate_lr_mult x that; a Perceiver at perceiver_lr_mult x lr."""
+    """log.jsonl carries tanh of every gate (what the progress bar shows), equal to the trained
+    model's; the fusion layers train at fusion_lr_mult x lr and the gates at gate_lr_mult x that; a
+    Perceiver at perceiver_lr_mult x lr."""
     args = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2",
             "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", f"--data_dir={small.path}", "--strategy=full",
             "--batch_size=8", "--max_steps=3", "--eval_interval=3", "--eval_examples=8", "--log_interval=1",
@@ -46,12 +48,13 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
 
 @pytest.mark.slow
 def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encoder, tmp_path):
-    """The quickstart's pipeline, shorter, one seed: a GPT pretrained without user context (the stand-in LLM, and the
-    no-context baseline) is contextualized with the pretrained encoder by configs/synthetic_llm.py's recipe. Exact
-    Recall@10 on 300 test users must be at least 2x the GPT's (the bar the full pipeline meets on every seed, README),
-    and a cross-attention gate must have opened to 3x its start (tanh 0.01). Measured, 300 + 300 steps on two quiet
-    threads: 0.247 against 0.067, gate 0.043 (the stand-in's earlier schedule: 0.233 against 0.063, gate 0.050; with the
-    gates started at 0 it was 0.083 against 0.063, gate 0.021)."""
+    """The quickstart's pipeline, shorter, one seed: a GPT pretrained without user context (the
+    stand-in LLM, and the no-context baseline) is contextualized with the pretrained encoder by
+    configs/synthetic_llm.py's recipe. Exact Recall@10 on 300 test users must be at least 2x the
+    GPT's (the bar the full pipeline meets on every seed, README), and a cross-attention gate must
+    have opened to 3x its start (tanh 0.01). Measured, 300 + 300 steps on two quiet threads: 0.247
+    against 0.067, gate 0.043 (the stand-in's earlier schedule: 0.233 against 0.063, gate 0.050;
+    with the gates started at 0 it was 0.083 against 0.063, gate 0.021)."""
     data = f"--data_dir={synthetic}"
     short = ["--max_steps=300", "--eval_interval=300", "--eval_examples=200"]
     train_llm.main([os.path.join(ROOT, "configs/synthetic_gpt.py"), data, f"--out_dir={tmp_path / 'gpt'}", *short])
@@ -71,8 +74,9 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
 
 @pytest.mark.slow
 def test_two_processes_equal_one(small300, tmp_path):
-    """torchrun --nproc_per_node=2 computes what one process computes: User-LLM, Full, with dropout and the
-    encoder's pretraining heads in the model (every trained parameter must get a gradient under DDP)."""
+    """torchrun --nproc_per_node=2 computes what one process computes: User-LLM, Full, with dropout
+    and the encoder's pretraining heads in the model (every trained parameter must get a gradient
+    under DDP)."""
     one, two = run_twice("train_llm.py", small300, tmp_path, "--n_layer=1", "--n_embd=32", "--n_head=2",
                          "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)",
                          "--seq_len=10", "--strategy=full", "--eval_examples=64", "--dropout=0.1")

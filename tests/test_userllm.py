@@ -1,6 +1,6 @@
-"""userllm.py: the strategies train exactly their parameters (Sec 3.2.3), TextPrompt has no user layers, a
-User-LLM starts from a trained GPT, the Dual Encoder's K embeddings feed the cross-attention, and the per-event
-lookups repeat bit for bit."""
+"""userllm.py: the strategies train exactly their parameters (Sec 3.2.3), TextPrompt has no user
+layers, a User-LLM starts from a trained GPT, the Dual Encoder's K embeddings feed the
+cross-attention, and the per-event lookups repeat bit for bit."""
 import pytest
 import torch
 
@@ -33,8 +33,8 @@ def test_each_strategy_trains_exactly_its_parameters(small, fusion):
             assert trained(m) == {"full": count(m) - heads, "lora": lora + count(m.encoder) - heads + fusion_layers,
                                   "enc": count(m.encoder) - heads + fusion_layers, "proj": fusion_layers}[strategy]
             assert (lora > 0) == (strategy == "lora")
-            # DDP's condition: every trained parameter gets a gradient from the loss (a LoRA B starts at 0, so
-            # its A's gradient is 0 at first, but it is there)
+            # DDP's condition: every trained parameter gets a gradient from the loss (a LoRA B
+            # starts at 0, so its A's gradient is 0 at first, but it is there)
             targets = small.targets("train")[:4]
             batch = to_device(Prompter(small, tok, "next_item", 0, 64, 16)(small.batch(targets, 10), targets), "cpu")
             m.train()(batch).backward()
@@ -53,8 +53,9 @@ def test_textprompt_has_no_user_layers_and_refuses_enc(small):
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
 def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
-    """llm_ckpt: the GPT of a run without user context becomes the 'pretrained LLM' of a User-LLM run. With its gates at
-    0 (and LoRA's B at 0) the new model computes exactly what that GPT does; a checkpoint of another GPT is an error."""
+    """llm_ckpt: the GPT of a run without user context becomes the 'pretrained LLM' of a User-LLM
+    run. With its gates at 0 (and LoRA's B at 0) the new model computes exactly what that GPT does;
+    a checkpoint of another GPT is an error."""
     torch.manual_seed(0)  # a fixed initialisation: the negative control below must not depend on luck
     tok, targets, data = get_tokenizer("scratch"), small.targets("test")[:8], small.fingerprint()
     plain = build_model(tiny(fusion="none", strategy="full"), small, tok)
@@ -90,7 +91,8 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
 
 
 def test_dual_encoder_cross_attention(small):
-    """DualEnc-Xatten (Table 5): the LLM cross-attends to the Dual Encoder's K user embeddings instead of N events."""
+    """DualEnc-Xatten (Table 5): the LLM cross-attends to the Dual Encoder's K user embeddings
+    instead of N events."""
     tok = get_tokenizer("scratch")
     enc = dict(vocab_sizes=small.vocab_sizes, feature_dims=(8, 4, 4), n_embd=16, n_layer=1, n_head=2, block_size=11,
                kind="dual", n_user_embs=3)
@@ -105,10 +107,11 @@ def test_dual_encoder_cross_attention(small):
 
 @pytest.mark.parametrize("module", ["recency", "perceiver"])
 def test_event_lookups_repeat_bit_for_bit_on_two_threads(module):
-    """The gradient through the per-event lookups (model.Recency; the Perceiver's time embedding and read bias) is
-    the same in every run on 2 threads (the quickstart's machine), so a seeded run repeats. Through tensor indexing,
-    whose backward on CPU adds duplicate rows in a thread-dependent order, it was not: at the quickstart's shape
-    (64 users x 50 events, 64 wide) 2 threads gave a different gradient in 10 of 10 tries."""
+    """The gradient through the per-event lookups (model.Recency; the Perceiver's time embedding and
+    read bias) is the same in every run on 2 threads (the quickstart's machine), so a seeded run
+    repeats. Through tensor indexing, whose backward on CPU adds duplicate rows in a
+    thread-dependent order, it was not: at the quickstart's shape (64 users x 50 events, 64 wide) 2
+    threads gave a different gradient in 10 of 10 tries."""
     from model import Recency
     from perceiver import PerceiverResampler
     torch.set_num_threads(2)
