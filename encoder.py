@@ -3,7 +3,7 @@ The user encoders (paper Sec 3.1, App. A) and the baselines the paper compares t
 - UserEncoder: User-LLM's multi-feature autoregressive Transformer (early fusion, causal, next-event
   loss);
 - Bert4Rec:    the same network, bidirectional, trained with the cloze objective;
-- DualEncoder: a user tower and a label tower scored by dot product.
+- DualEncoder: late fusion, one Transformer per feature in a user tower, and a label tower.
 
     python train_encoder.py configs/synthetic_enc.py      (pretraining; eval.py ranks the catalogue)
 
@@ -22,7 +22,7 @@ Conventions of all three:
   padding: adding left padding never changes anything at real positions.
 - Padding id 0 (and Bert4Rec's [MASK] id) get logit -inf: never predicted, in no softmax.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ DEFAULTS = dict(  # every key of a train_encoder.py config (configs/synthetic_en
     seq_len=50, min_history=1,  # N events per example; a target needs min_history events before it
     kind="ar", feature_dims=(64, 16, 16), n_embd=128, n_layer=2, n_head=4, dropout=0.0,
     loss_weights=(1.0, 1.0, 1.0), mask_prob=0.2, n_user_embs=1, label_task="next_item",
+    user_features=(),
     seen_bias=False, seen_bias_lr_mult=10.0,  # ours (docs/deviations.md)
     fused_loss=True,  # the same loss, computed faster (fused.py)
     **TRAIN_DEFAULTS,
@@ -47,7 +48,8 @@ RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
     seq_len=at_least(1), min_history=at_least(1), kind=one_of(*KINDS), feature_dims=at_least(1),
     n_embd=at_least(1), n_layer=at_least(1), n_head=at_least(1), dropout=fraction(),
     loss_weights=at_least(0.0), mask_prob=fraction(upper_open=False), n_user_embs=at_least(1),
-    label_task=one_of("next_item", "fav"), seen_bias_lr_mult=at_least(0.0), **TRAIN_RULES,
+    label_task=one_of("next_item", "fav"), user_features=at_least(0),
+    seen_bias_lr_mult=at_least(0.0), **TRAIN_RULES,
 )
 
 
@@ -66,13 +68,15 @@ class EncoderConfig:
     mask_prob: float = 0.2                 # bert4rec's cloze masking probability
     n_user_embs: int = 1                   # dual: user embeddings the user tower emits
     label_task: str = "next_item"          # dual: 'next_item' or 'fav' (favourite genre/category)
+    user_features: tuple = ()              # dual: the features its user tower reads (): see there
     seen_bias: bool = False                # a learned logit on the items already seen (ours)
     fused_loss: bool = True                # the loss by fused.linear_cross_entropy: same, faster
 
     def __post_init__(self):
         # A checkpoint stores the config as JSON, which turns tuples into lists.
-        self.vocab_sizes, self.feature_dims, self.loss_weights = (
-            tuple(self.vocab_sizes), tuple(self.feature_dims), tuple(self.loss_weights))
+        self.vocab_sizes, self.feature_dims, self.loss_weights, self.user_features = (
+            tuple(self.vocab_sizes), tuple(self.feature_dims), tuple(self.loss_weights),
+            tuple(self.user_features))
         if not len(self.vocab_sizes) == len(self.feature_dims) == len(self.loss_weights):
             raise UserError(f"config: vocab_sizes, feature_dims and loss_weights need one entry "
                             f"per feature, got {len(self.vocab_sizes)}, {len(self.feature_dims)}, "
@@ -95,6 +99,9 @@ class EncoderConfig:
             raise UserError(f"config: mask_prob must be in (0, 1], got {self.mask_prob}")
         if self.n_user_embs < 1:
             raise UserError(f"config: n_user_embs must be >= 1, got {self.n_user_embs}")
+        if any(not 0 <= f < len(self.vocab_sizes) for f in self.user_features):
+            raise UserError(f"config: user_features {self.user_features} name features 0.."
+                            f"{len(self.vocab_sizes) - 1} only")
         if self.seen_bias and self.label == "fav":
             raise UserError("config: seen_bias is a bias on items; a DualEnc with label_task='fav' "
                             "ranks genres")
@@ -115,7 +122,7 @@ def history_positions(seq_len):
 def encoder_config(cfg, vocab_sizes):
     """The EncoderConfig of a train_encoder.py config on a dataset's vocabularies."""
     keys = ("feature_dims", "n_embd", "n_layer", "n_head", "dropout", "loss_weights", "kind",
-            "mask_prob", "n_user_embs", "label_task", "seen_bias", "fused_loss")
+            "mask_prob", "n_user_embs", "label_task", "user_features", "seen_bias", "fused_loss")
     return EncoderConfig(vocab_sizes=tuple(vocab_sizes), block_size=history_positions(cfg.seq_len),
                          **{k: getattr(cfg, k) for k in keys})
 
@@ -168,14 +175,15 @@ class EventTrunk(nn.Module):
                                for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, feats):
-        """feats: F x (B, T) ids -> (h (B, T, C), real (B, T) bool, True at real events)."""
+    def forward(self, feats, real=None):
+        """feats: F x (B, T) ids -> (h (B, T, C), real (B, T) bool, True at real events: by default
+        those with an item, feature 0)."""
         if len(feats) != len(self.wte):
             raise ValueError(f"expected {len(self.wte)} event features, got {len(feats)}")
         T = feats[0].shape[1]
         if T > self.block_size:
             raise ValueError(f"sequence of {T} events is longer than block_size={self.block_size}")
-        real = feats[0] != 0
+        real = feats[0] != 0 if real is None else real
         pos = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): index among the real events
         feats = [x.masked_fill(~real, 0) for x in feats]  # a padding event's features are ignored
         x = torch.cat([emb(x) for emb, x in zip(self.wte, feats)], dim=-1)  # early fusion
@@ -309,11 +317,12 @@ class Bert4Rec(UserEncoder):
 
 
 class DualEncoder(nn.Module):
-    """Dual Encoder baseline (paper Table 2). User tower: the causal trunk; its outputs at the last
-    K real events (K = n_user_embs; the first real event repeats when a history is shorter) through
-    a Linear are the K user embeddings. Label tower: a label embedding table plus a residual MLP.
-    Score of label l = max_k <u_k, e_l>, softmax over the whole catalogue (labels 1..L-1).
-    label_task: 'next_item' (labels: items) or 'fav' (genres)."""
+    """Dual Encoder (paper App. A: the late-fusion encoder, a baseline of Table 2). User tower: one
+    causal Transformer per feature it reads (user_features), each over that feature alone; their
+    outputs at the latest event are combined by fusion layers (an MLP) into K user embeddings
+    (K = n_user_embs). Label tower: the label's embedding plus a residual MLP. A label's score is
+    max_k <u_k, e_l>, a softmax over the whole catalogue. label_task: 'next_item' (labels: items) or
+    'fav' (the favourite genre/category; the user tower then reads the items alone)."""
     kind = "dual"
     heads = ("label_emb", "label_mlp", "seen_bias")  # as UserEncoder.heads
 
@@ -321,12 +330,16 @@ class DualEncoder(nn.Module):
         super().__init__()
         if cfg.kind != self.kind:
             raise ValueError(f"DualEncoder needs EncoderConfig(kind='dual'), got kind={cfg.kind!r}")
-        self.cfg = cfg
-        self.trunk = EventTrunk(cfg, causal=True)
-        self.user_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.cfg, C, K = cfg, cfg.n_embd, cfg.n_user_embs
+        self.features = cfg.user_features or (
+            (0,) if cfg.label_task == "fav" else tuple(range(len(cfg.vocab_sizes))))
+        self.towers = nn.ModuleList(EventTrunk(one_feature(cfg, f), causal=True)
+                                    for f in self.features)
+        self.fusion = nn.Sequential(nn.Linear(len(self.features) * C, C, bias=cfg.bias),
+                                    nn.GELU(approximate="tanh"), nn.Linear(C, K * C, bias=cfg.bias))
         n_labels = cfg.vocab_sizes[0 if cfg.label_task == "next_item" else 1]
-        self.label_emb = nn.Embedding(n_labels, cfg.n_embd)
-        self.label_mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+        self.label_emb = nn.Embedding(n_labels, C)
+        self.label_mlp = MLP(C, cfg.dropout, cfg.bias)
         self.seen_bias = nn.Parameter(torch.zeros(())) if cfg.seen_bias else None  # UserEncoder's
         self.apply(init_weights)
 
@@ -335,13 +348,11 @@ class DualEncoder(nn.Module):
 
     def embed(self, hist):
         """F x (B, N) history -> (user embeddings (B, K, C), mask (B, K) all True)."""
-        h, real = self.trunk(hist)  # (B, N, C)
-        B, N, C = h.shape
-        K = self.cfg.n_user_embs
-        first = real.int().argmax(1, keepdim=True)  # (B, 1): index of the first real event
-        idx = torch.arange(N - K, N, device=h.device)[None].maximum(first)  # (B, K): last K real
-        u = self.user_proj(h.gather(1, idx[..., None].expand(B, K, C)))  # (B, K, C)
-        return u, torch.ones(B, K, dtype=torch.bool, device=h.device)
+        real = hist[0] != 0  # (B, N): an event is real iff it has an item
+        latest = [tower([hist[f]], real)[0][:, -1] for f, tower in zip(self.features, self.towers)]
+        B, K = real.shape[0], self.cfg.n_user_embs
+        u = self.fusion(torch.cat(latest, dim=-1)).view(B, K, -1)  # (B, K, C): late fusion
+        return u, torch.ones(B, K, dtype=torch.bool, device=u.device)
 
     def scores(self, hist):
         """F x (B, N) history -> (B, L) logits over all labels (items, or genres for 'fav'); padding
@@ -357,6 +368,13 @@ class DualEncoder(nn.Module):
     def loss(self, batch):
         label = batch["target"][0] if self.cfg.label_task == "next_item" else batch["fav"]
         return masked_cross_entropy(self.scores(batch["hist"]), label)
+
+
+def one_feature(cfg, f):
+    """The EncoderConfig of a Dual Encoder's tower over feature f alone."""
+    return replace(cfg, vocab_sizes=(cfg.vocab_sizes[f],), feature_dims=(cfg.feature_dims[f],),
+                   loss_weights=(1.0,), kind="ar", label_task="next_item", seen_bias=False,
+                   user_features=())
 
 
 def make_encoder(cfg):

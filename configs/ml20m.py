@@ -1,4 +1,4 @@
-# MovieLens-20M: encoder pretraining (paper Sec 4.1, App. C).
+# MovieLens-20M: encoder pretraining, paper Table 9 "EncoderPretrain" (docs/deviations.md: lr).
 # python data.py --dataset=ml20m --download=True
 # torchrun --nproc_per_node=8 train_encoder.py configs/ml20m.py
 out_dir = "out/ml20m-enc"
@@ -10,9 +10,9 @@ n_embd = 256
 n_layer = 4
 n_head = 8
 dropout = 0.1
-batch_size = 1024
-grad_accum = 8
-max_steps = 30000
+batch_size = 32768
+grad_accum = 32
+max_steps = 10000
 warmup_steps = 1000
 lr = 1e-3
 min_lr = 1e-4

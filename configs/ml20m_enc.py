@@ -1,4 +1,4 @@
-# MovieLens-20M next item (Sec 4.2): GPT-2 contextualized by cross-attention, strategy Enc.
+# MovieLens-20M next item, Table 9 "NextItem": GPT-2 contextualized by cross-attention, strategy Enc.
 # torchrun --nproc_per_node=8 train_llm.py configs/ml20m_enc.py
 out_dir = "out/ml20m-enc-llm"
 dataset = "ml20m"
@@ -10,11 +10,12 @@ encoder_ckpt = "out/ml20m-enc/best.pt"
 llm = "gpt2"
 xattn_every = 1
 max_text_tokens = 1024
-batch_size = 128
-max_steps = 20000
-warmup_steps = 500
-lr = 1e-4
-min_lr = 1e-5
-weight_decay = 0.01
+batch_size = 8192
+grad_accum = 128
+max_steps = 10000
+warmup_steps = 1000
+lr = 1e-3
+min_lr = 1e-4
+weight_decay = 1e-3
 eval_interval = 1000
 eval_examples = 5000

@@ -283,3 +283,20 @@ def test_seen_bias_learns_whether_users_repeat(repeat):
         loss.backward()
         opt.step()
     assert (m.seen_bias.item() > 0.2) if repeat else (m.seen_bias.item() < -0.2), m.seen_bias.item()
+
+
+def test_dual_encoder_fuses_late():
+    """Late fusion (App. A): one Transformer per feature in the user tower, each reading its feature
+    alone; the favourite-genre variant reads the items alone (the genres would give its answer away);
+    the fusion layers emit n_user_embs embeddings."""
+    m = make("dual", noise=0.1)
+    assert len(m.towers) == 3 and [len(t.wte) for t in m.towers] == [1, 1, 1]
+    b = random_batch()
+    hist = list(b["hist"])
+    other = hist[:2] + [torch.where(hist[2] > 0, hist[2] % (VOCAB[2] - 1) + 1, 0)]  # other ratings
+    with torch.no_grad():
+        assert not torch.allclose(m.scores(tuple(hist)), m.scores(tuple(other)))
+        fav = make("dual-fav", noise=0.1)
+        assert fav.features == (0,) and fav.embed(tuple(hist))[0].shape == (4, 3, 32)
+        genres = [hist[0], torch.where(hist[1] > 0, hist[1] % (VOCAB[1] - 1) + 1, 0), hist[2]]
+        torch.testing.assert_close(fav.scores(tuple(hist)), fav.scores(tuple(genres)))

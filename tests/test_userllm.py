@@ -102,7 +102,8 @@ def test_dual_encoder_cross_attention(small):
     assert m.context(batch["hist"])["user"].shape == (4, 3, 16)
     loss = m(batch)
     loss.backward()
-    assert torch.isfinite(loss) and m.encoder.user_proj.weight.grad is not None
+    assert torch.isfinite(loss) and m.encoder.fusion[0].weight.grad is not None
+    assert all(p.grad is not None for t in m.encoder.towers for p in t.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("module", ["recency", "perceiver"])
