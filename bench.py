@@ -2,14 +2,10 @@
 Benchmarks (engineering, not the paper): throughput, precision and scale. Their numbers are in
 docs/benchmarks.md.
 
-    python bench.py --encoder=configs/ml100k.py --dataset=ml100k --batch_size=256 --steps=10
-    --threads=1
-    python bench.py --dtype=True --threads=1    # fp32 against bf16 autocast on this CPU (no
-    dataset)
-    python bench.py --prepare=True             # data.py on a 20M-event MovieLens-format file;
-    batches/s
-    python bench.py --gpu_check=True           # on a GPU: the training scripts in bf16 + compile,
-    <= 8 min
+    python bench.py --encoder=configs/ml100k.py --dataset=ml100k --batch_size=256 --threads=1
+    python bench.py --dtype=True --threads=1   # fp32 against bf16 autocast on this CPU
+    python bench.py --prepare=True             # data.py on a 20M-event MovieLens-format file
+    python bench.py --gpu_check=True           # on a GPU: both training scripts, bf16 + compile
 
 - encoder: one train_encoder.py config's training step: examples/s, events/s, targets/s, FLOP/s,
   MFU.

@@ -3,11 +3,10 @@ User timelines for User-LLM (paper Sec 4.1, datasets of Table 1): prepare a data
 (read by sources.py) into a prepared folder, then leakage-free splits and vectorised batches cut
 from it.
 
-    python data.py                                  # synthetic default -> data/synthetic (seconds,
-    offline)
-    python data.py --dataset=ml1m --download=True   # MovieLens 1M from grouplens.org -> data/ml1m
-    python data.py --dataset=ml20m --strict=True    # the first bad row is an error naming file and
-    line
+    python data.py                                  # the synthetic default -> data/synthetic
+    python data.py --dataset=ml1m --download=True   # MovieLens-1M from grouplens.org -> data/ml1m
+    python data.py --dataset=ml20m --strict=True    # the first bad row: an error naming its line
+    python data.py --dataset=ml20m-shape            # ml-20m's size and shape, generated offline
 
 Datasets: synthetic (the default, generated offline with a known answer), ml20m ml25m
 ml-latest-small ml1m ml100k, amazon_movies(_5), google_ny; their raw files, where they come from and
@@ -50,8 +49,8 @@ import numpy as np
 
 from config import UserError, at_least, check, cli, configure, fraction
 
-from sources import (AMAZON, DATASETS, GOOGLE, generate_synthetic, raw_file, read_json_source,
-                     read_movielens, write_oracle)
+from sources import (AMAZON, DATASETS, GOOGLE, generate_ml20m_shape, generate_synthetic, raw_file,
+                     read_json_source, read_movielens, write_oracle)
 
 DEFAULTS = dict(
     dataset="synthetic", raw_dir="", out_dir="", strict=False, download=False, min_events=3,
@@ -59,10 +58,13 @@ DEFAULTS = dict(
     # its oracle
     n_users=2000, n_items=500, n_genres=16, min_len=40, max_len=120, p_seq=0.4, p_drift=0.02,
     seed=1337,
+    # ml20m-shape: ml-20m's users, rated movies and ratings (sources.generate_ml20m_shape)
+    shape_users=138_493, shape_items=26_744, shape_events=20_000_263,
 )
 
 
-RULES = dict(n_users=at_least(1), n_items=at_least(3), n_genres=at_least(3), min_len=at_least(3),
+RULES = dict(shape_users=at_least(1), shape_items=at_least(1), shape_events=at_least(1),
+             n_users=at_least(1), n_items=at_least(3), n_genres=at_least(3), min_len=at_least(3),
              max_len=at_least(3), p_seq=fraction(), p_drift=fraction(), min_events=at_least(3),
              seed=at_least(0))
 
@@ -87,21 +89,43 @@ def _drop(report, reason, lines):
         report.drop(reason, int(lines.min()), len(lines))
 
 
+def by_user_then_time(user, ts):
+    """The stable order by (user, time): one argsort of a combined key where it fits an int64 (6x
+    faster than np.lexsort on 20M events), else np.lexsort."""
+    if not len(user):
+        return np.zeros(0, np.int64)
+    span = int(ts.max()) - int(ts.min()) + 1
+    if (int(user.max()) - int(user.min()) + 1) * span >= 2 ** 62:
+        return np.lexsort((ts, user))
+    key = user - user.min()  # built in place: one array of the events' size
+    key *= span
+    key += ts
+    key -= ts.min()
+    return np.argsort(key, kind="stable")
+
+
 def order_events(raw, min_events):
     """Event order of the prepared folder: by user, then time, stable on ties (file order);
     identical (user, item, time) events and users with < min_events events dropped and counted.
     Returns (order, lengths)."""
     rep = raw.report
-    known = np.flatnonzero(raw.item >= 0)
-    _drop(rep, "unknown id", raw.line[raw.item < 0])
-    order = known[np.lexsort((raw.ts[known], raw.user[known]))]  # stable: file order on ties
-    u, t, it = raw.user[order], raw.ts[order], raw.item[order]
+    unknown = raw.item < 0
+    if unknown.any():
+        _drop(rep, "unknown id", raw.line[unknown])
+        known = np.flatnonzero(~unknown)
+        order = known[by_user_then_time(raw.user[known], raw.ts[known])]  # ties: file order
+    else:  # (no index array over all events: 20M events are 160 MB each)
+        order = by_user_then_time(raw.user, raw.ts)
+    u, t = raw.user[order], raw.ts[order]
     tie = (u[1:] == u[:-1]) & (t[1:] == t[:-1])  # event k+1 has the same (user, time) as event k
+    del t
     if tie.any():  # duplicates can only sit inside a run of tied (user, time): look only there
-        run = np.cumsum(np.r_[True, ~tie])  # run id per event
         cand = np.flatnonzero(np.r_[tie, False] | np.r_[False, tie])
-        cand = cand[np.lexsort((it[cand], run[cand]))]  # stable: the first in file order first
-        dup = cand[1:][(run[cand][1:] == run[cand][:-1]) & (it[cand][1:] == it[cand][:-1])]
+        run = np.cumsum(np.r_[True, ~tie])[cand]  # the run of tied events each candidate is in
+        item = raw.item[order[cand]]
+        by = np.lexsort((item, run))  # stable: the first in file order first
+        cand, run, item = cand[by], run[by], item[by]
+        dup = cand[1:][(run[1:] == run[:-1]) & (item[1:] == item[:-1])]
         _drop(rep, "duplicate", raw.line[order[dup]])
         keep = np.ones(len(order), bool)
         keep[dup] = False
@@ -174,9 +198,16 @@ def _dump(path, obj):
 def prepare(cfg):
     """Read a dataset's raw files and write its prepared folder; returns the folder's path."""
     name = cfg.dataset
-    if name != "synthetic" and name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}': choose from synthetic, {', '.join(DATASETS)}")
+    if name not in ("synthetic", "ml20m-shape") and name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}': choose from synthetic, ml20m-shape, "
+                        f"{', '.join(DATASETS)}")
     raw_dir, out_dir = cfg.raw_dir or f"data/raw/{name}", cfg.out_dir or f"data/{name}"
+    if name == "ml20m-shape":  # ml-20m's size and shape, generated once, read as ml-20m is
+        if not (Path(raw_dir) / "ratings.csv").exists():
+            generate_ml20m_shape(raw_dir, cfg.shape_users, cfg.shape_items, cfg.shape_events,
+                                 cfg.seed)
+        raw = read_movielens(raw_dir, "ml20m", cfg.strict)
+        return write_prepared(raw, out_dir, name, ["item", "genre", "rating"], cfg.min_events)
     if name == "synthetic":
         keys = ("n_users", "n_items", "n_genres", "min_len", "max_len", "p_seq", "p_drift", "seed")
         params = {k: getattr(cfg, k) for k in keys}

@@ -2,10 +2,8 @@
 The paper's metrics (Sec 4, Tables 2, 4, 5): the test split, once, from a checkpoint chosen on
 validation.
 
-    python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10 (+ most
-    popular)
-    python eval.py --ckpt=out/synthetic-llm/best.pt --max_examples=500    # a User-LLM or TextPrompt
-    model
+    python eval.py --ckpt=out/synthetic-enc/best.pt     # an encoder: Recall@1/5/10, NDCG@10
+    python eval.py --ckpt=out/synthetic-llm/best.pt --max_examples=500    # an LLM
 
 Encoders (Table 2): every example is scored against every item of the catalogue. Nothing is filtered
 (items in the history stay in the ranking); ties count against the target, so a constant scorer gets

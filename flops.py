@@ -3,8 +3,7 @@ The paper's efficiency claims, measured (paper Table 3, Sec 3.2.2 and 4.4): User
 short fixed query and puts the user's history in embeddings, where TextPrompt writes the history out
 as text.
 
-    python data.py && python flops.py       # the synthetic default and the demo's GPT: < 1 min on
-    CPU
+    python data.py && python flops.py       # the synthetic default and the demo's GPT, a minute
     python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2    # at GPT-2's shape
 
 Three tables, printed and written as JSON to --out (default out/flops.json):

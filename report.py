@@ -3,15 +3,11 @@ Reports over finished runs, beside the paper's metrics (eval.py): results over s
 Fig. 3, training curves, time to quality, and whether a stand-in LLM knows its catalogue. Plots are
 SVG files written by hand (no plotting library).
 
-    python report.py --summary=True --runs='out/syn-s*/*'    # evaluated runs as mean ± sd over
-    seeds
-    python report.py --runs=out/a,out/b --fig3=fig3.svg       # Fig. 3: Recall@10 against history
-    length
+    python report.py --summary=True --runs='out/syn-s*/*'    # mean ± sd over seeds
+    python report.py --runs=out/a,out/b --fig3=fig3.svg       # Recall@10 against history length
     python report.py --runs=out/a,out/b --curves=loss.svg     # training loss against step
-    python report.py --runs=out/a,out/b --time_to_quality=t.svg   # validation Recall against
-    CPU-seconds
-    python report.py --catalogue=out/synthetic-gpt/best.pt    # a GPT without user context: its one
-    list
+    python report.py --runs=out/a,out/b --time_to_quality=t.svg   # Recall against CPU-seconds
+    python report.py --catalogue=out/synthetic-gpt/best.pt    # a GPT without user context
 """
 import glob
 import json

@@ -3,18 +3,17 @@ The raw side of the datasets of Table 1 (paper Sec 4.1): the publishers' files, 
 as shipped, and the embedded synthetic default with a known answer. data.py turns what this module
 reads into a prepared folder; this module never imports data.py.
 
-    python data.py                                  # synthetic default: generate_synthetic, then
-    read_movielens
+    python data.py                                  # generate_synthetic, then read_movielens
     python data.py --dataset=ml1m --download=True   # download / raw_file, then read_movielens
 
 Datasets (raw files exactly as the publishers ship them, default folder data/raw/<name>/):
-  synthetic                 generated here in MovieLens ml-20m format (+ reviews.csv), then read by
-  the MovieLens reader ml20m ml25m ml-latest-small  ratings.csv + movies.csv         ml1m
-  ratings.dat + movies.dat (::, latin-1)
-  ml100k                    u.data (tab) + u.item (|, latin-1, 19 genre flags)
-  amazon_movies(_5)         Amazon Review 2018 Movies_and_TV(_5).json(.gz) + meta_Movies_and_TV
-                            .json.gz
-  google_ny                 Google Local 2021 review-New_York.json.gz + meta-New_York.json.gz
+  synthetic          generated here in ml-20m's format (+ reviews.csv), read by the MovieLens reader
+  ml20m-shape        generated here: ml-20m's size and shape, no content (generate_ml20m_shape)
+  ml20m ml25m ml-latest-small    ratings.csv + movies.csv
+  ml1m               ratings.dat + movies.dat (::, latin-1)
+  ml100k             u.data (tab) + u.item (|, latin-1, 19 genre flags)
+  amazon_movies(_5)  Movies_and_TV(_5).json(.gz) + meta_Movies_and_TV.json.gz (Amazon Review 2018)
+  google_ny          review-New_York.json.gz + meta-New_York.json.gz (Google Local 2021)
 
 What it holds, top to bottom:
 - Report: bad input counted per reason per file, one summary line per file; --strict=True makes the
@@ -254,8 +253,11 @@ def read_numeric(path, sep, dtypes, int_cols, report, header, checks=None, chunk
             line_no += chunk.count(b"\n") + 1
             if not block:
                 break
-    cat = lambda a, dt: np.concatenate(a) if a else np.zeros(0, dt)
-    return [cat(c, dt) for c, dt in zip(cols, dtypes)], cat(lines, np.int64)
+    out = []
+    for c, dt in zip(cols + [lines], list(dtypes) + [np.int64]):
+        out.append(np.concatenate(c) if c else np.zeros(0, dt))
+        c.clear()  # one column's chunks at a time: the peak holds one column twice, not all
+    return out[:-1], out[-1]
 
 
 def _drop_rows(report, reason, lines):
@@ -675,6 +677,44 @@ def generate_synthetic(raw_dir, n_users, n_items, n_genres, min_len, max_len, p_
     genre_of = [names[g] for g in world.item_genre]
     _write_reviews_csv(raw_dir / "reviews.csv", user, item, rating, ts, titles, genre_of, rng)
     return world, oracle_pref, names
+
+
+ML20M_RATINGS = (0.012, 0.034, 0.016, 0.072, 0.044, 0.214, 0.106, 0.276, 0.076, 0.150)  # 0.5 .. 5
+
+
+def generate_ml20m_shape(raw_dir, n_users=138_493, n_items=26_744, n_events=20_000_263, seed=0):
+    """MovieLens-20M's shape, without its content, in its publisher format (ratings.csv sorted by
+    user then movie, movies.csv): long-tailed user lengths (at least 20 ratings, lognormal above:
+    median about 68, mean about n_events / n_users), Zipf popularity, ML-20M's distribution of half
+    stars, increasing times, titles of one to six words and a year. For rehearsing the paper-scale
+    commands offline (docs/benchmarks.md); there is no planted structure and no oracle."""
+    rng = np.random.default_rng(seed)
+    extra = rng.lognormal(3.9, 1.25, n_users)  # above the 20 ratings every ML-20M user has
+    lengths = 20 + np.floor(extra / extra.sum() * (n_events - 20 * n_users)).astype(np.int64)
+    lengths[rng.choice(n_users, n_events - lengths.sum(), replace=False)] += 1
+    user = np.repeat(np.arange(1, n_users + 1), lengths)
+    cdf = np.cumsum(1.0 / np.arange(1, n_items + 1) ** 0.9)  # Zipf-like popularity
+    item = np.searchsorted(cdf, rng.random(n_events) * cdf[-1]) + 1
+    ids = rng.permutation(n_items) + 1  # the most popular are not the first ids
+    item = ids[item - 1]
+    rating = rng.choice(np.arange(1, 11) / 2, n_events, p=ML20M_RATINGS)
+    start = np.repeat(rng.integers(789652009, 1400000000, n_users), lengths)
+    step = 1 + rng.exponential(86400.0, n_events).astype(np.int64)  # distinct times: no duplicates
+    first = np.cumsum(lengths) - lengths  # each user's first event
+    ts = start + np.cumsum(step) - np.repeat(np.cumsum(step)[first] - step[first], lengths)
+    order = np.lexsort((item, user))
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    write_ratings_csv(raw_dir / "ratings.csv", user, item[order], rating[order], ts[order])
+    starts = ("Bl", "C", "D", "Fr", "G", "H", "K", "L", "M", "N", "P", "R", "S", "St", "T", "W")
+    words = [a + b for a in starts for b in ("ade", "arn", "ell", "ine", "or", "un", "ight", "ast")]
+    with open(raw_dir / "movies.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("movieId", "title", "genres"))
+        for i in range(1, n_items + 1):
+            title = " ".join(rng.choice(words, min(6, 1 + rng.geometric(0.45))))
+            title += (", The" if rng.random() < 0.08 else "") + f" ({rng.integers(1915, 2015)})"
+            w.writerow((i, title, "|".join(rng.choice(GENRES, rng.integers(1, 4), replace=False))))
 
 
 GENRE_WORDS = ["Fist", "Quest", "Cartoon", "Puppy", "Heist", "Truth", "Wizard", "Shadow", "Scream",

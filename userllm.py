@@ -5,12 +5,11 @@ training strategies of Sec 3.2.3. train_llm.py, eval.py and flops.py build their
     python train_llm.py configs/synthetic_llm.py
 
     user events F x (B, N) -> encoder.embed -> (B, N, D) [-> PerceiverResampler -> (B, M, D)] ->
-        fusion='xattn':        the GPT's gated cross-attention blocks attend to them (Sec 3.2.1), or
-        fusion='soft_prompt':  SoftPrompt projects them to the LLM width, prepended to the text
-        (App. B), fusion='none':         no user embeddings: the TextPrompt baseline (text_events >
-        0 writes the
-                               last events into the prompt). AR50TP10 = an encoder fusion +
-                               text_events=10.
+        fusion='xattn':        the GPT's gated cross-attention blocks attend to them (Sec 3.2.1)
+        fusion='soft_prompt':  SoftPrompt projects them, prepended to the text (App. B)
+        fusion='none':         no user embeddings: the TextPrompt baseline (text_events > 0 writes
+                               the last events into the prompt)
+    AR50TP10 = an encoder fusion + text_events=10.
 Strategies, what trains: full: LLM + encoder + fusion; lora: LoRA adapters + encoder + fusion; enc:
 encoder + fusion (LLM frozen); proj: fusion only. The fusion layers: cross-attention (or the soft
 prompt's projection), the recency embedding, the Perceiver.

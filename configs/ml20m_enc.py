@@ -1,4 +1,4 @@
-# MovieLens-20M next item, Table 9 "NextItem": GPT-2 contextualized by cross-attention, strategy Enc.
+# MovieLens-20M next item, Table 9 "NextItem": GPT-2 contextualized by cross-attention, Enc.
 # torchrun --nproc_per_node=8 train_llm.py configs/ml20m_enc.py
 out_dir = "out/ml20m-enc-llm"
 dataset = "ml20m"

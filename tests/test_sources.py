@@ -407,3 +407,15 @@ def test_oracle_recall_on_a_subset(syn):
     assert 0 < got["recall@1"] < got["recall@5"] < 1
     with pytest.raises(ValueError, match="targets"):
         sources.oracle_recall(d, "val", targets=d.targets("test")[:3])
+
+
+def test_ml20m_shape_is_read_as_ml20m_and_keeps_every_rating(tmp_path, capsys):
+    d = prep(tmp_path, "ml20m-shape", shape_users=60, shape_items=200, shape_events=3000, seed=4)
+    assert "ratings.csv: kept 3,000, dropped 0\n" in capsys.readouterr().out  # no duplicate
+    lengths = np.diff(d.offsets)
+    assert d.n_users == 60 and lengths.sum() == 3000
+    assert lengths.min() >= 20 and lengths.max() > 2 * np.median(lengths)  # ML-20M's floor, a tail
+    first = np.zeros(3000, bool)
+    first[d.offsets[:-1]] = True
+    assert (np.diff(np.asarray(d.timestamps))[~first[1:]] > 0).all()  # times rise within a user
+    assert d.vocab_sizes[0] - 1 <= 200 and d.rating_values[1:] == [x / 2 for x in range(1, 11)]
