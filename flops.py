@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # train_llm.py keys that set a model's shape; their defaults are the demo's (synthetic_llm.py)
 SHAPE_KEYS = ("seq_len", "n_layer", "n_head", "n_embd", "max_text_tokens", "n_latents",
               "perceiver_layers", "n_task_tokens", "enc_feature_dims", "enc_n_embd", "enc_n_layer",
-              "enc_n_head", "xattn_every", "xattn_dim", "max_answer_tokens")
+              "enc_n_head", "xattn_every", "xattn_dim", "xattn_ffw", "max_answer_tokens")
 DEMO = vars(configure(userllm.DEFAULTS, [os.path.join(HERE, "configs", "synthetic_llm.py")]))
 DEFAULTS = dict(
     dataset="synthetic", data_dir="", examples=200,  # table 1: test examples tokenized
@@ -230,6 +230,59 @@ def cost_table(cfg, d, tok):
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# 4. what each strategy trains (Table 5)
+
+ML20M_VOCAB = (26_745, 21, 11)  # ML-20M: 26,744 rated movies, 20 genres, 10 half stars (+ padding)
+ML20M_ENCODER = dict(feature_dims=(256, 32, 32), n_embd=256, n_layer=4, n_head=8)  # ml20m.py
+
+
+def strategy_rows(shape, c, enc, vocab_sizes, llm_shape):
+    """Parameters of a UserLLM, all and trained, for each strategy (Sec 3.2.3); built on the meta
+    device: no memory, no time."""
+    rows = []
+    for strategy in ("full", "lora", "enc", "proj"):
+        c.strategy = strategy
+        llm = dict(llm_shape, d_user=enc["n_embd"], xattn_every=c.xattn_every,
+                   xattn_dim=c.xattn_dim, xattn_ffw=c.xattn_ffw, lora_alpha=c.lora_alpha,
+                   lora_rank=c.lora_rank if strategy == "lora" else 0)
+        events = userllm.history_positions(c.seq_len)
+        with torch.device("meta"):
+            m = build_model(c, None, None, dict(enc, vocab_sizes=vocab_sizes, block_size=events),
+                            llm)
+        count = lambda ps: sum(p.numel() for p in ps)
+        trained = count(p for p in m.parameters() if p.requires_grad)
+        rows.append(dict(shape=shape, xattn=f"{c.xattn_every}, {c.xattn_dim}, {c.xattn_ffw}",
+                         strategy=strategy,
+                         all=count(m.parameters()) / 1e6, trained=trained / 1e6,
+                         fusion=count(m.llm.xattn.parameters()) / 1e6,
+                         share=trained / count(m.parameters())))
+    return rows
+
+
+def strategy_table(cfg, d):
+    """Table 5's parameter counts: the demo's User-LLM (this config's shape, the data's vocabulary)
+    and GPT-2 small with ML-20M's encoder (configs/ml20m.py) and vocabulary; a cross-attention
+    block before every LLM block or every 4th, at the LLM's widths (attention C, FFW 4C) or narrow
+    (attention C/4, FFW C)."""
+    rows = []
+    n_layer, n_head, n_embd = GPT2_SHAPES["gpt2"]
+    gpt2 = dict(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    for every, narrow in ((1, False), (4, False), (1, True), (4, True)):
+        c = variant_config(cfg)
+        c.fusion, c.xattn_every = "xattn", every
+        demo = dict(feature_dims=c.enc_feature_dims, n_embd=c.enc_n_embd, n_layer=c.enc_n_layer,
+                    n_head=c.enc_n_head)
+        llm = dict(block_size=c.max_text_tokens + c.n_task_tokens + c.seq_len,
+                   vocab_size=get_tokenizer("scratch").n_vocab, n_layer=c.n_layer, n_head=c.n_head,
+                   n_embd=c.n_embd)
+        for shape, enc, vocab, llm in ((f"demo ({c.n_layer}x{c.n_embd})", demo, d.vocab_sizes, llm),
+                                       ("GPT-2 small, ML-20M", ML20M_ENCODER, ML20M_VOCAB, gpt2)):
+            c.xattn_dim, c.xattn_ffw = (llm["n_embd"] // 4, llm["n_embd"]) if narrow else (0, 0)
+            rows += strategy_rows(shape, c, enc, vocab, llm)
+    return sorted(rows, key=lambda r: r["shape"] != rows[0]["shape"])  # demo first (stable)
+
+
 def tokenizers():
     """The two tokenizers of table 1; the GPT-2 one is skipped with a printed note when it can't be
     loaded (offline)."""
@@ -275,9 +328,15 @@ def main(argv):
           f"(n_task={cfg.n_task_tokens} + M); M: user embeddings the LLM sees. FLOPs: forward + "
           "backward per example; user = encoder + Perceiver + soft-prompt MLP. ms/answer: batch 1, "
           f"greedy, {cost[0]['answer_tokens']} tokens (the longest title).")
+    params = strategy_table(cfg, d)
+    print_table(params, "4. parameters (millions) each strategy trains (paper Table 5, Sec 3.2.3)",
+                [("shape", "shape", ""), ("xattn every, dim, ffw", "xattn", ""),
+                 ("strategy", "strategy", ""), ("all", "all", ".2f"), ("trained", "trained", ".2f"),
+                 ("share", "share", ".1%"), ("cross-attention", "fusion", ".2f")])
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     with open(cfg.out, "w") as f:
-        json.dump(dict(config=vars(cfg), tokens=tokens, six_nd=nd, cost=cost), f, indent=2)
+        json.dump(dict(config=vars(cfg), tokens=tokens, six_nd=nd, cost=cost, params=params), f,
+                  indent=2)
     print(f"wrote {cfg.out}")
 
 

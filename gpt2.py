@@ -66,8 +66,8 @@ def load_gpt2(name_or_path, **overrides):
 
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_heads", "gate_init",
-                      "lora_rank", "lora_alpha", "lora_mlp")
+NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_ffw", "xattn_heads",
+                      "gate_init", "lora_rank", "lora_alpha", "lora_mlp")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -89,10 +89,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd, dropout=0.0, bias=True):
+    def __init__(self, n_embd, dropout=0.0, bias=True, hidden=0):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        hidden = hidden or 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -186,13 +187,14 @@ class GatedCrossAttention(nn.Module):
     identity; ours start at gate_init = 0.01 (behind a zero gate the block gets no gradient:
     docs/deviations.md). A user with no real event gets no update at all."""
 
-    def __init__(self, n_embd, d_user, n_head, d_inner, dropout=0.0, bias=True, gate_init=0.01):
+    def __init__(self, n_embd, d_user, n_head, d_inner, dropout=0.0, bias=True, gate_init=0.01,
+                 d_ffw=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CrossAttention(n_embd, d_user, n_head, d_inner, dropout, bias)
         self.gate_attn = nn.Parameter(torch.full((1,), gate_init))
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, d_ffw)  # d_ffw 0: 4 x n_embd, as Flamingo
         self.gate_ff = nn.Parameter(torch.full((1,), gate_init))
 
     def forward(self, x, kv, user_mask=None):
@@ -291,6 +293,7 @@ class GPTConfig:
     xattn_every: int = 1  # a gated cross-attention block before LLM blocks 0, k, 2k, ... (k: this)
     xattn_dim: int = 0  # the cross-attention's inner width (0: n_embd)
     xattn_heads: int = 0  # 0: n_head
+    xattn_ffw: int = 0  # the gated FFW's hidden width (0: 4 x n_embd)
     gate_init: float = 0.01  # the gates' start, before tanh (Flamingo: 0; ours: docs/deviations.md)
     lora_rank: int = 0  # 0: no LoRA
     lora_alpha: float = 16.0
@@ -318,7 +321,7 @@ class GPT(nn.Module):
             for i in range(0, c.n_layer, c.xattn_every):
                 self.xattn[str(i)] = GatedCrossAttention(
                     c.n_embd, c.d_user, c.xattn_heads or c.n_head, c.xattn_dim or c.n_embd,
-                    c.dropout, c.bias, c.gate_init)
+                    c.dropout, c.bias, c.gate_init, c.xattn_ffw)
         self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections

@@ -23,6 +23,7 @@ from common import (TRAIN_DEFAULTS, checkpoint_data, eval_file, evaluate_ranking
 from config import UserError, cli, configure
 from data import Prompter, get_tokenizer, popularity
 from decode import answer_logprobs
+from userllm import DEFAULTS as DEFAULTS_LLM
 from userllm import describe, from_checkpoint
 
 DEFAULTS = dict(
@@ -61,7 +62,7 @@ def run_name(c, seed=True):
     if not seed:
         c = types.SimpleNamespace(**{**vars(c), "seed": TRAIN_DEFAULTS["seed"]})
     if hasattr(c, "fusion"):
-        return describe(c)
+        return describe(types.SimpleNamespace(**{**DEFAULTS_LLM, **vars(c)}))  # keys added since
     name = f"{c.kind} encoder" + (" + seen bias" if c.seen_bias else "")
     return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
 

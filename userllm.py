@@ -36,6 +36,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     strategy="enc",  # full | lora | enc | proj
     text_events=0,  # > 0: the last k events as text in the prompt (TP10; with an encoder: AR50TP10)
     perceiver=False, n_latents=16, perceiver_layers=2,
+    last_events=0,  # > 0: the LLM reads only the latest k event embeddings (truncation, Table 6)
     recency=True,  # ours: a recency embedding on what the cross-attention reads (model.Recency)
     # the user encoder: a train_encoder.py checkpoint, or (encoder_ckpt='') a random AR encoder of
     # this shape
@@ -46,7 +47,9 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # user context.
     llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer in tokens (the soft prompt's come on top)
-    xattn_every=1, xattn_dim=0, lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
+    # cross-attention blocks: before every k-th LLM block; attention and FFW widths (0: C and 4C)
+    xattn_every=1, xattn_dim=0, xattn_ffw=0,
+    lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
     gate_init=0.01,  # ours: the gates' start before tanh (Flamingo: 0)
     fusion_lr_mult=1.0, gate_lr_mult=1.0, perceiver_lr_mult=1.0,  # ours: lr multipliers
     max_answer_tokens=64,
@@ -59,9 +62,11 @@ RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
     seq_len=at_least(1), min_history=at_least(1), task=one_of("next_item", "fav", "review_gen"),
     fusion=one_of("xattn", "soft_prompt", "none"), strategy=one_of("full", "lora", "enc", "proj"),
     text_events=at_least(0), n_latents=at_least(1), perceiver_layers=at_least(1),
+    last_events=at_least(0),
     enc_feature_dims=at_least(1), enc_n_embd=at_least(1), enc_n_layer=at_least(1),
     enc_n_head=at_least(1), n_layer=at_least(1), n_head=at_least(1), n_embd=at_least(1),
     dropout=fraction(), max_text_tokens=at_least(1), xattn_every=at_least(1), xattn_dim=at_least(0),
+    xattn_ffw=at_least(0),
     lora_rank=at_least(1), lora_alpha=at_least(0.0), n_task_tokens=at_least(0),
     fusion_lr_mult=at_least(0.0), gate_lr_mult=at_least(0.0), perceiver_lr_mult=at_least(0.0),
     max_answer_tokens=at_least(1), pack_examples=at_least(0), mixed_history=at_least(0),
@@ -73,16 +78,20 @@ class UserLLM(nn.Module):
     """encoder -> [Perceiver] -> fusion -> GPT (no encoder for TextPrompt). forward(batch) -> the
     loss of the answer tokens."""
 
-    def __init__(self, encoder, llm, fusion, perceiver=None, soft_prompt=None, recency=None):
+    def __init__(self, encoder, llm, fusion, perceiver=None, soft_prompt=None, recency=None,
+                 last_events=0):
         super().__init__()
         self.encoder, self.llm, self.fusion = encoder, llm, fusion
         self.perceiver, self.soft_prompt, self.recency = perceiver, soft_prompt, recency
+        self.last_events = last_events
 
     def context(self, hist):
         """The keyword arguments that hand the user to the GPT (none for TextPrompt)."""
         if self.fusion == "none":
             return {}
         user, mask = self.encoder.embed(hist)  # (B, N, D), (B, N)
+        if self.last_events:  # the latest k only (histories are left-padded): truncation
+            user, mask = user[:, -self.last_events:], mask[:, -self.last_events:]
         if self.recency is not None:
             user = self.recency(user, mask)  # which event is the latest: attention sees a set
         if self.perceiver is not None:
@@ -157,7 +166,8 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
     encoder = build_encoder(cfg, d, enc_cfg) if cfg.fusion != "none" else None  # TextPrompt: none
     d_user = encoder.cfg.n_embd if encoder is not None else 0
     fusion = dict(d_user=d_user if cfg.fusion == "xattn" else 0, xattn_every=cfg.xattn_every,
-                  xattn_dim=cfg.xattn_dim, lora_rank=cfg.lora_rank if cfg.strategy == "lora" else 0,
+                  xattn_dim=cfg.xattn_dim, xattn_ffw=cfg.xattn_ffw,
+                  lora_rank=cfg.lora_rank if cfg.strategy == "lora" else 0,
                   lora_alpha=cfg.lora_alpha, lora_mlp=cfg.lora_mlp, dropout=cfg.dropout,
                   gate_init=cfg.gate_init)
     if llm_cfg is not None:
@@ -168,7 +178,10 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
                             n_head=cfg.n_head, n_embd=cfg.n_embd, **fusion))
     else:
         llm = load_gpt2(cfg.llm, **fusion)
-    n_user = cfg.n_latents if cfg.perceiver else cfg.seq_len
+    if cfg.last_events and (cfg.perceiver or cfg.fusion == "none"):
+        raise UserError(f"config: last_events={cfg.last_events} truncates what the LLM reads of "
+                        "the encoder: not with a Perceiver nor with fusion='none'")
+    n_user = cfg.n_latents if cfg.perceiver else (cfg.last_events or cfg.seq_len)
     if cfg.fusion == "soft_prompt" and cfg.max_text_tokens + cfg.n_task_tokens + n_user > \
             llm.config.block_size:
         raise UserError(f"config: text (max_text_tokens={cfg.max_text_tokens}) + soft prompt "
@@ -184,7 +197,7 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
                    if cfg.fusion == "soft_prompt" else None)
     use_recency = cfg.fusion == "xattn" and cfg.recency and not use_perceiver  # a Perceiver has one
     recency = Recency(n_events, d_user) if use_recency else None
-    model = UserLLM(encoder, llm, cfg.fusion, perceiver, soft_prompt, recency)
+    model = UserLLM(encoder, llm, cfg.fusion, perceiver, soft_prompt, recency, cfg.last_events)
     apply_strategy(model, cfg.strategy)
     return model
 
@@ -215,7 +228,7 @@ def load_llm(model, path, d):
 def from_checkpoint(ckpt, path, d, tok, device="cpu"):
     """(its config, the UserLLM in eval mode) of a train_llm.py checkpoint, on the shapes it
     stores."""
-    cfg = types.SimpleNamespace(**ckpt["config"])
+    cfg = types.SimpleNamespace(**{**DEFAULTS, **ckpt["config"]})  # a key added since: its default
     model = build_model(cfg, d, tok, ckpt["encoder_config"], ckpt["llm_config"]).to(device)
     load_weights(model, ckpt["model"], path)
     return cfg, model.eval()
@@ -231,6 +244,7 @@ def describe(c):
         name = {"xattn": "User-LLM", "soft_prompt": "soft prompt"}[c.fusion]
         name += f" N={c.seq_len} ({c.strategy})"
         name += f" +Perceiver{c.n_latents}" if c.perceiver else ""
+        name += f" last {c.last_events}" if c.last_events else ""
         name += f" +TP{c.text_events}" if c.text_events else ""
         name += "" if c.encoder_ckpt else " random enc"
     name += " from a trained GPT" if c.llm_ckpt else ""

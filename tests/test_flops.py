@@ -101,3 +101,25 @@ def test_cost_table_counts_the_user_side_and_textprompt_costs_more(small):
     assert tp["T"] > 5 * xattn["T"] and tp["gflops"] > xattn["gflops"] and (sp["P"], sp["M"]) == (4 + 4, 4)
     assert all(r["gflops"] == pytest.approx(r["llm_gflops"] + r["user_gflops"]) and r["ms_step"] > 0
                and r["ms_answer"] > 0 for r in rows.values())
+
+
+def test_strategy_table_counts_what_each_strategy_trains(small):
+    """Table 5: at GPT-2 small's shape a gated cross-attention block (attention from the user
+    width D = 256, an FFW of 4C) holds 6,301,442 parameters, written out here; Proj trains exactly
+    the fusion layers (and the recency embedding), Enc adds the encoder, LoRA the adapters, Full
+    all but the encoder's pretraining heads; the narrow blocks are smaller."""
+    cfg = types.SimpleNamespace(**{**flops.DEFAULTS, "seq_len": 10})
+    rows = flops.strategy_table(cfg, small)
+    C, D = 768, 256
+    block = 2 * C + (C * C + C) + (D * 2 * C + 2 * C) + (C * C + C) + 1 + 2 * C + (8 * C * C + 5 * C) + 1
+    assert block == 6_301_442
+    gpt2 = {(r["xattn"], r["strategy"]): r for r in rows if r["shape"].startswith("GPT-2")}
+    assert round(gpt2["1, 0, 0", "proj"]["fusion"] * 1e6) == 12 * block
+    assert round(gpt2["4, 0, 0", "proj"]["fusion"] * 1e6) == 3 * block
+    recency = 11 * D  # one vector per recency of the 11 history positions
+    for x in ("1, 0, 0", "4, 0, 0", "1, 192, 768", "4, 192, 768"):
+        r = {s: gpt2[x, s] for s in ("full", "lora", "enc", "proj")}
+        assert round((r["proj"]["trained"] - r["proj"]["fusion"]) * 1e6) == recency
+        assert r["full"]["trained"] > r["lora"]["trained"] > r["enc"]["trained"] > r["proj"]["trained"]
+        assert r["full"]["all"] - r["full"]["trained"] < 0.01 * r["full"]["all"]  # the heads only
+    assert gpt2["4, 192, 768", "proj"]["share"] < 0.05 < gpt2["1, 0, 0", "proj"]["share"]

@@ -150,3 +150,20 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line(small, tmp_path):
 def test_llm_config_values_are_checked(key, value):
     with pytest.raises(UserError, match=f"^config: {key}={value!r} is not allowed: it must be"):
         configure(userllm.DEFAULTS, [f"--{key}={value}"], rules=userllm.RULES)
+
+
+def test_last_events_hands_the_llm_the_latest_k_embeddings(small):
+    """Truncation, the Perceiver's control (Table 6): with last_events=4 the LLM reads exactly the
+    4 latest of the 10 events' embeddings, their recency included, from the same encoder."""
+    tok = get_tokenizer("scratch")
+    torch.manual_seed(0)
+    full = build_model(tiny(), small, tok)
+    last = build_model(tiny(last_events=4), small, tok)
+    last.load_state_dict(full.state_dict())
+    targets = small.targets("val")[:6]
+    hist = to_device(small.batch(targets, 10), "cpu")["hist"]
+    a, b = full.context(hist), last.context(hist)
+    assert b["user"].shape == (6, 4, 16) and torch.equal(b["user"], a["user"][:, -4:])
+    assert torch.equal(b["user_mask"], a["user_mask"][:, -4:])
+    with pytest.raises(UserError, match="last_events=4 .* not with a Perceiver"):
+        build_model(tiny(last_events=4, perceiver=True), small, tok)
