@@ -43,7 +43,7 @@ from common import cpu_sdpa_flops, print_table, seeded_subset, six_nd, time_trai
 from config import UserError, cli, configure
 from data import QUERY, Prompter, UserData, batch_targets, get_tokenizer
 from decode import generate
-from gpt2 import GPT2_NAMES
+from gpt2 import GPT2_NAMES, GPT2_SHAPES
 from userllm import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,8 +60,6 @@ DEFAULTS = dict(
     threads=0, seed=1337,  # threads 0: every core this process may use
     **{k: DEMO[k] for k in SHAPE_KEYS},
 )
-GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd); all have 1024 positions
 PAPER_TOKENS = {0: 32, 50: 700, 100: 1350, 200: 2500}  # Table 3: User-LLM (0 events), TP50/100/200
 
 
@@ -134,18 +132,17 @@ VARIANTS = (  # name, fusion, Perceiver, text events (None: seq_len, the encoder
 
 
 def variant_config(cfg):
-    """The train_llm.py config all variants share. A GPT-2 shape with random weights is built as a
-    'scratch' GPT of that shape (GPT-2's tokenizer and 1024 positions), so build_model needs no
-    download."""
+    """The train_llm.py config all variants share; with random_weights, GPT-2's shape (its
+    tokenizer, 1024 positions) with random weights: nothing to download."""
     c = types.SimpleNamespace(**{**userllm.DEFAULTS, **{k: getattr(cfg, k) for k in SHAPE_KEYS}})
     c.llm, c.task, c.encoder_ckpt = cfg.llm, "next_item", ""  # a random encoder: its shape costs
-    if cfg.llm != "scratch" and cfg.random_weights:
+    c.random_weights = cfg.random_weights and cfg.llm != "scratch"
+    if c.random_weights:
         if cfg.llm not in GPT2_SHAPES:
             raise UserError(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)} (or "
                             f"'scratch'), got '{cfg.llm}'")
-        c.llm, (c.n_layer, c.n_head, c.n_embd) = "scratch", GPT2_SHAPES[cfg.llm]
-        # build_model adds the soft prompt's positions back
-        c.max_text_tokens = 1024 - c.n_task_tokens - c.seq_len
+        c.n_layer, c.n_head, c.n_embd = GPT2_SHAPES[cfg.llm]  # for the tables' titles
+        c.max_text_tokens = 1024 - c.n_task_tokens - c.seq_len  # the soft prompt's come on top
     return c
 
 

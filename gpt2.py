@@ -5,6 +5,7 @@ needed: the .safetensors format is read here, and a missing checkpoint is downlo
 hub.
 
     python train_llm.py configs/ml20m_enc.py        (llm = "gpt2": loads it through load_gpt2)
+    python train_llm.py configs/ml20m_enc.py --random_weights=True    # GPT-2's shape, no weights
 
 Offline, with no copy in the cache, load_gpt2 says in one line which files to put where.
 """
@@ -18,6 +19,17 @@ import torch
 from config import UserError
 from model import GPT, GPTConfig
 from sources import download
+
+
+def random_gpt2(name, **overrides):
+    """A GPT of GPT-2's shape (gpt2 ... gpt2-xl) with random weights: nothing is downloaded. For
+    rehearsing paper-scale runs and counting their cost; asked for explicitly (train_llm.py:
+    random_weights=True), never a silent stand-in for the real weights."""
+    if name not in GPT2_SHAPES:
+        raise UserError(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)}, got {name!r}")
+    n_layer, n_head, n_embd = GPT2_SHAPES[name]
+    return GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head,
+                         n_embd=n_embd, **overrides))
 
 
 def load_gpt2(name_or_path, **overrides):
@@ -65,7 +77,9 @@ def load_gpt2(name_or_path, **overrides):
     return model
 
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd); 1024 positions, 50,257 tokens
+GPT2_NAMES = tuple(GPT2_SHAPES)
 NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_ffw", "xattn_heads",
                       "gate_init", "lora_rank", "lora_alpha", "lora_mlp")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -126,5 +140,6 @@ def hub_folder(name):
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise UserError(f"cannot download {name} ({why}); put config.json and "
                                 f"model.safetensors from https://huggingface.co/{name}/tree/main "
-                                f"into {folder}") from None
+                                f"into {folder} (or, to rehearse without them, "
+                                "--random_weights=True)") from None
     return folder

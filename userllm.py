@@ -25,7 +25,7 @@ import torch.nn as nn
 from common import TRAIN_DEFAULTS, TRAIN_RULES, check_data, load_checkpoint, load_weights
 from config import UserError, at_least, fraction, one_of
 from encoder import EncoderConfig, history_positions, make_encoder
-from gpt2 import load_gpt2
+from gpt2 import load_gpt2, random_gpt2
 from model import GPT, GPTConfig, Recency, SoftPrompt
 from perceiver import PerceiverResampler
 
@@ -45,7 +45,9 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # 'scratch': a small GPT from random init with a byte-level tokenizer (offline). llm_ckpt: a
     # train_llm.py checkpoint to start from (load_llm), e.g. the stand-in GPT pretrained without
     # user context.
-    llm="scratch", llm_ckpt="", n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+    # random_weights: llm='gpt2'... of GPT-2's shape with random weights, nothing downloaded
+    # (rehearsals and cost counts; never a silent stand-in for the real weights)
+    llm="scratch", llm_ckpt="", random_weights=False, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer in tokens (the soft prompt's come on top)
     # cross-attention blocks: before every k-th LLM block; attention and FFW widths (0: C and 4C)
     xattn_every=1, xattn_dim=0, xattn_ffw=0,
@@ -172,6 +174,8 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
                   gate_init=cfg.gate_init)
     if llm_cfg is not None:
         llm = GPT(GPTConfig(**llm_cfg))
+    elif cfg.random_weights:  # GPT-2's shape, random weights (llm='scratch' is refused there)
+        llm = random_gpt2(cfg.llm, **fusion)
     elif cfg.llm == "scratch":  # positions for the soft prompt (task tokens, events), then the text
         positions = cfg.max_text_tokens + cfg.n_task_tokens + cfg.seq_len
         llm = GPT(GPTConfig(block_size=positions, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,

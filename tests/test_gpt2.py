@@ -76,3 +76,22 @@ def test_load_gpt2_offline_fails_fast_with_one_line(tmp_path):
     msg = r.stderr.strip()
     assert "\n" not in msg and "config.json" in msg and "model.safetensors" in msg
     assert str(tmp_path / "cache" / "gpt2") in msg
+
+
+def test_random_weights_is_gpt2s_shape_and_only_when_asked(small, monkeypatch, tmp_path):
+    """random_weights=True builds GPT-2 small's shape (124,439,808 parameters, tied head) with
+    nothing downloaded; without it, offline, the run stops in one line naming the option; with the
+    scratch GPT it is refused, never ignored."""
+    from config import UserError
+    from conftest import tiny_llm
+    from userllm import build_model
+    monkeypatch.setenv("NANOUSERLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NANOUSERLLM_HUB", "http://127.0.0.1:9")
+    with torch.device("meta"):  # shapes only: no memory, no time
+        m = build_model(tiny_llm(llm="gpt2", random_weights=True, strategy="enc"), small, None)
+    gpt = sum(p.numel() for n, p in m.llm.named_parameters() if not n.startswith("xattn."))
+    assert gpt == 124_439_808 and m.llm.config.block_size == 1024 and len(m.llm.xattn) == 12
+    with pytest.raises(UserError, match=r"cannot download gpt2 .*--random_weights=True\)$"):
+        build_model(tiny_llm(llm="gpt2"), small, None)
+    with pytest.raises(UserError, match="random_weights needs llm in gpt2"):
+        build_model(tiny_llm(random_weights=True), small, None)
