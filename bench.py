@@ -19,7 +19,6 @@ docs/benchmarks.md.
   plumbing runs on a CPU: --gpu_check_dtype=float32 --gpu_check_compile=False
   "--gpu_check_shape=(1,2,32)" (tests/test_bench.py).
 """
-import csv
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from config import UserError, cli, configure
 from data import Prompter, UserData, batch_targets, get_tokenizer
 from encoder import EncoderConfig, encoder_config, history_positions, make_encoder
 from model import GPT, GPTConfig
-from sources import GENRES, write_ratings_csv
+from sources import generate_ml20m_shape
 from userllm import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -341,40 +340,17 @@ def gpu_check(cfg):
 # --------------------------------------------------------------------------------------------------
 # data preparation at scale: data.py on an ml-20m-sized ratings.csv, then batch assembly
 
-def write_bench_files(raw_dir, n_events, seed):
-    """A MovieLens-format ratings.csv/movies.csv shaped like ml-20m (138k users, 27k movies, Zipf
-    popularity, file ordered by user then movie), generated vectorised: the input of the scale
-    benchmark."""
-    rng = np.random.default_rng(seed)
-    n_users, n_items = max(1, n_events // 145), 27_000
-    w = rng.exponential(1.0, n_users)
-    lengths = 20 + np.floor(w / w.sum() * (n_events - 20 * n_users)).astype(np.int64)
-    lengths[: n_events - lengths.sum()] += 1
-    user = np.repeat(np.arange(1, n_users + 1), lengths)
-    cdf = np.cumsum(np.arange(1, n_items + 1) ** -1.0)
-    item = np.searchsorted(cdf, rng.random(n_events) * cdf[-1]) + 1
-    order = np.lexsort((item, user))
-    rating = rng.integers(1, 11, n_events) / 2
-    ts = rng.integers(789652009, 1427784002, n_events)
-    os.makedirs(raw_dir, exist_ok=True)
-    write_ratings_csv(os.path.join(raw_dir, "ratings.csv"), user, item[order], rating, ts)
-    with open(os.path.join(raw_dir, "movies.csv"), "w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(("movieId", "title", "genres"))
-        wr.writerows((i, f"Movie {i}, The ({1900 + i % 115})",
-                      "|".join(rng.choice(GENRES, 2, replace=False)))
-                     for i in range(1, n_items + 1))
-
-
 def bench_prepare(cfg, seconds=3):
-    """Prepare time and peak memory on a bench_events ratings.csv (data.py in a fresh process, so
+    """Prepare time and peak memory on an ml-20m-shaped ratings.csv of prepare_events events
+    (sources.generate_ml20m_shape, ML-20M's users per event; data.py in a fresh process, so
     generating the file doesn't count), then batch assembly examples/s at N=50 and 200, B=1024, each
     timed for `seconds`."""
     import resource
     raw, out = os.path.join(cfg.prepare_dir, "raw"), os.path.join(cfg.prepare_dir, "prepared")
     if not os.path.exists(os.path.join(raw, "ratings.csv")):
         t0 = time.time()
-        write_bench_files(raw, cfg.prepare_events, cfg.seed)
+        n_users = max(1, cfg.prepare_events * 138_493 // 20_000_263)  # ML-20M's ratio
+        generate_ml20m_shape(raw, n_users, 26_744, cfg.prepare_events, cfg.seed)
         print(f"wrote {os.path.join(raw, 'ratings.csv')} ({cfg.prepare_events:,} events) in "
               f"{time.time() - t0:.0f}s")
     t0 = time.time()

@@ -153,13 +153,17 @@ def write_prepared(raw, out_dir, name, features, min_events=3, extra_meta=None):
     genres = sorted({raw.item_genre[i] for i in np.flatnonzero(present)})
     genre_id = {g: k + 1 for k, g in enumerate(genres)}
     item_genre = np.array([genre_id.get(g, 0) for g in raw.item_genre], np.int64)
-    rating_values, rating_id = np.unique(raw.rating[order], return_inverse=True)
-    cols = {features[0]: item_vocab[item], features[1]: item_genre[item],
-            "rating": rating_id.reshape(-1) + 1}
+    rating = raw.rating[order]
+    rating_values = np.unique(rating)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for f, v in cols.items():
-        np.save(out / f"{f}.npy", v.astype(_int_dtype(v.max(initial=0))))
+    # one column at a time, each in its smallest integer type (20M events: 160 MB each as int64)
+    for f, table in ((features[0], item_vocab), (features[1], item_genre)):
+        np.save(out / f"{f}.npy", table.astype(_int_dtype(table[present].max(initial=0)))[item])
+    del item
+    rating_id = np.searchsorted(rating_values, rating).astype(_int_dtype(len(rating_values))) + 1
+    np.save(out / "rating.npy", rating_id)
+    del rating, rating_id
     np.save(out / "offsets.npy", np.r_[0, np.cumsum(lengths)].astype(np.int64))
     np.save(out / "timestamps.npy", raw.ts[order])
     user_keys = raw.user[order[starts]].tolist()

@@ -111,7 +111,7 @@ def test_prepare_benchmark_small(tmp_path, capsys):
     whole."""
     cfg = configure(bench.DEFAULTS, ["--prepare_events=3000", f"--prepare_dir={tmp_path}", "--seed=0"])
     r = bench.bench_prepare(cfg, seconds=0.05)
-    assert r['n_events'] == 3000 and r['n_users'] == 3000 // 145 and [b['N'] for b in r['batch']] == [50, 200]
+    assert r['n_events'] == 3000 and r['n_users'] == 3000 * 138_493 // 20_000_263 and [b['N'] for b in r['batch']] == [50, 200]
     ratings = (tmp_path / 'raw' / 'ratings.csv').read_bytes()
     assert ratings.startswith(b'userId,movieId,rating,timestamp\n') and ratings.count(b'\n') == 3001
     assert 'prepare: 3,000 events, 20 users' in capsys.readouterr().out
