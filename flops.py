@@ -5,6 +5,7 @@ as text.
 
     python data.py && python flops.py       # the synthetic default and the demo's GPT, a minute
     python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2    # at GPT-2's shape
+    python data.py --dataset=ml20m-shape && python flops.py --scale=True   # ML-20M configs: cost
 
 Three tables, printed and written as JSON to --out (default out/flops.json):
 1. tokens (Table 3): LLM input tokens per example, TextPrompt TP-N (the last N events as text, then
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import encoder
 import userllm
 from common import cpu_sdpa_flops, print_table, seeded_subset, six_nd, time_train_step, to_device
-from config import UserError, cli, configure
+from config import UserError, cli, configure, run_config_file
 from data import QUERY, Prompter, UserData, batch_targets, get_tokenizer
 from decode import generate
 from gpt2 import GPT2_NAMES, GPT2_SHAPES
@@ -58,6 +60,7 @@ DEFAULTS = dict(
     strategy="full",  # what trains in table 3 (6ND assumes all LLM weights train); TextPrompt: full
     batch_size=8, steps=3, gen_examples=3,  # table 3: one batch, timed steps (+1 warmup), answers
     threads=0, seed=1337,  # threads 0: every core this process may use
+    scale=False,  # True: only table 5, the ML-20M configs' cost (on data/ml20m-shape by default)
     **{k: DEMO[k] for k in SHAPE_KEYS},
 )
 PAPER_TOKENS = {0: 32, 50: 700, 100: 1350, 200: 2500}  # Table 3: User-LLM (0 events), TP50/100/200
@@ -280,6 +283,73 @@ def strategy_table(cfg, d):
     return sorted(rows, key=lambda r: r["shape"] != rows[0]["shape"])  # demo first (stable)
 
 
+# --------------------------------------------------------------------------------------------------
+# 5. what the paper-scale runs cost (the ML-20M configs, projected to 8 GPUs)
+
+SCALE_CONFIGS = ("ml20m.py", "ml20m_enc.py", "ml20m_full.py", "ml20m_lora.py", "ml20m_proj.py",
+                 "ml20m_perceiver.py", "ml20m_softprompt.py", "ml20m_tp50.py",
+                 "ml20m_ar50tp10.py", "ml20m_fav.py")
+
+
+def activation_bytes(loss_fn, params):
+    """(loss, bytes autograd saves for the backward pass that are not parameters): the
+    activations of one forward, counted once per storage."""
+    seen, skip = set(), {p.data_ptr() for p in params}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key[0] not in skip:
+            seen.add(key)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return loss, sum(n for _, n in seen)
+
+
+def scale_row(path, d, examples=4, gpus=8, peak=989e12, mfu=0.3):
+    """One config at its own shape (GPT-2 with random weights; the encoder of configs/ml20m.py),
+    measured on `examples` real training examples: parameters, FLOPs and activations per example;
+    then per step, per GPU (fp32 weights, gradients and AdamW's two moments for what trains,
+    activations at the per-GPU micro-batch batch_size / grad_accum) and hours on `gpus` GPUs of
+    `peak` FLOP/s at `mfu` utilisation."""
+    enc = configure(encoder.DEFAULTS, [os.path.join(HERE, "configs", "ml20m.py")])
+    is_llm = "task" in run_config_file(path)
+    if is_llm:
+        c = configure(userllm.DEFAULTS, [path, "--random_weights=True", "--encoder_ckpt=",
+                                         f"--enc_feature_dims={enc.feature_dims}",
+                                         f"--enc_n_embd={enc.n_embd}",
+                                         f"--enc_n_layer={enc.n_layer}",
+                                         f"--enc_n_head={enc.n_head}"])
+        tok = get_tokenizer(c.llm)
+        model = build_model(c, d, tok)
+        prompter = Prompter(d, tok, c.task, c.text_events, c.max_text_tokens, c.max_answer_tokens)
+        make = lambda ids: prompter(d.batch(ids, c.seq_len), ids)
+    else:
+        c = configure(encoder.DEFAULTS, [path])
+        model = encoder.make_encoder(encoder.encoder_config(c, d.vocab_sizes))
+        make = lambda ids: d.batch(ids, c.seq_len)
+    ids = batch_targets(d.targets("train"), 0, examples, 0)
+    batch = to_device(make(ids), "cpu")
+    params = list(model.parameters())
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flops()) as count:
+        loss, act = activation_bytes(lambda: model(batch), params)
+        loss.backward()
+    n_all = sum(p.numel() for p in params)
+    n_trained = sum(p.numel() for p in params if p.requires_grad)
+    micro = c.batch_size // c.grad_accum
+    flops_step = count.get_total_flops() / examples * c.batch_size
+    return dict(config=os.path.basename(path), all=n_all / 1e6, trained=n_trained / 1e6,
+                gflops_example=count.get_total_flops() / examples / 1e9, batch=c.batch_size,
+                micro=micro, steps=c.max_steps, pflops=flops_step * c.max_steps / 1e15,
+                state_gb=(4 * n_all + 12 * n_trained) / 1e9, act_gb=act / examples * micro / 1e9,
+                hours=flops_step * c.max_steps / (gpus * peak * mfu) / 3600)
+
+
+def scale_table(d):
+    """Section 5 for every ML-20M config (configs/ml20m*.py)."""
+    return [scale_row(os.path.join(HERE, "configs", name), d) for name in SCALE_CONFIGS]
+
+
 def tokenizers():
     """The two tokenizers of table 1; the GPT-2 one is skipped with a printed note when it can't be
     loaded (offline)."""
@@ -295,6 +365,19 @@ def tokenizers():
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    if cfg.scale:
+        d = UserData(cfg.data_dir or os.path.join("data", "ml20m-shape"))
+        rows = scale_table(d)
+        print_table(rows, "5. the ML-20M configs at their own shape (GPT-2 small, random weights): "
+                    "per step, per GPU, and hours on 8 H100 (989 TFLOP/s bf16) at 30% MFU",
+                    [("config", "config", ""), ("params M", "all", ".1f"),
+                     ("trained M", "trained", ".1f"), ("GFLOP/example", "gflops_example", ".2f"),
+                     ("batch", "batch", ",d"), ("per GPU", "micro", "d"), ("steps", "steps", ",d"),
+                     ("PFLOP", "pflops", ",.0f"), ("weights+grads+Adam GB", "state_gb", ".2f"),
+                     ("activations GB", "act_gb", ".2f"), ("hours", "hours", ".2f")])
+        print(f"on {d.path}; FLOPs: forward + backward of real training examples; activations: "
+              "what autograd saves, fp32 (bf16 autocast stores about half)")
+        return rows
     d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
     shape = variant_config(cfg)  # checks llm / random_weights
     tok = get_tokenizer(cfg.llm)  # fails early, with its one-line message, before any table

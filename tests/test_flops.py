@@ -1,5 +1,6 @@
 """flops.py (paper Table 3, Sec 4.4): the 6ND arithmetic, token counts against an independent count,
 the FLOP counter against 6·params·tokens, and the Perceiver's saving in soft-prompt positions."""
+import os
 import types
 
 import numpy as np
@@ -123,3 +124,19 @@ def test_strategy_table_counts_what_each_strategy_trains(small):
         assert r["full"]["trained"] > r["lora"]["trained"] > r["enc"]["trained"] > r["proj"]["trained"]
         assert r["full"]["all"] - r["full"]["trained"] < 0.01 * r["full"]["all"]  # the heads only
     assert gpt2["4, 192, 768", "proj"]["share"] < 0.05 < gpt2["1, 0, 0", "proj"]["share"]
+
+
+def test_activation_bytes_count_what_backward_keeps_and_scale_with_the_batch(small):
+    """Section 5's memory estimate: the bytes autograd saves, parameters excluded, double for twice
+    the examples; the ML-20M encoder config at its own shape costs what its rows say."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 32)
+    x = torch.randn(5, 16)
+    _, n = flops.activation_bytes(lambda: torch.relu(lin(x)).sum(), list(lin.parameters()))
+    assert n == 5 * 16 * 4 + 5 * 32 * 4  # the input (for the weight's gradient), relu's output
+    _, n2 = flops.activation_bytes(lambda: torch.relu(lin(torch.cat([x, x]))).sum(), list(lin.parameters()))
+    assert n2 == 2 * n
+    r = flops.scale_row(os.path.join(flops.HERE, "configs", "ml20m.py"), small, examples=2)
+    assert r["config"] == "ml20m.py" and r["trained"] == r["all"] and r["micro"] == 32768 // 32
+    assert r["pflops"] == pytest.approx(r["gflops_example"] * 1e9 * 32768 * 10_000 / 1e15)
+    assert r["state_gb"] == pytest.approx(16 * r["all"] * 1e6 / 1e9)
