@@ -26,7 +26,8 @@ def random_gpt2(name, **overrides):
     rehearsing paper-scale runs and counting their cost; asked for explicitly (train_llm.py:
     random_weights=True), never a silent stand-in for the real weights."""
     if name not in GPT2_SHAPES:
-        raise UserError(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)}, got {name!r}")
+        raise UserError(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)}, "
+                        f"got {name!r}")
     n_layer, n_head, n_embd = GPT2_SHAPES[name]
     return GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head,
                          n_embd=n_embd, **overrides))
@@ -78,7 +79,7 @@ def load_gpt2(name_or_path, **overrides):
 
 
 GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd); 1024 positions, 50,257 tokens
+               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd); 1024 positions, 50,257 ids
 GPT2_NAMES = tuple(GPT2_SHAPES)
 NEW_MODULE_OPTIONS = ("dropout", "d_user", "xattn_every", "xattn_dim", "xattn_ffw", "xattn_heads",
                       "gate_init", "lora_rank", "lora_alpha", "lora_mlp")
