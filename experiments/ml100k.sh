@@ -15,8 +15,8 @@ EVAL_EXAMPLES=0  # every test user
 [ -d data/ml100k ] || { echo "data/ml100k is missing: prepare MovieLens-100K first (see above)"; exit 1; }
 for seed in "$@"; do
     o=out/ml100k-s$seed
-    # --seen_bias=False: the encoder these rows were measured with (the seen bias came later; it is a term of the
-    # encoder's own item ranking, which the LLM does not use: README, "User-LLM on MovieLens-100K")
+    # --seen_bias=False: the seen bias is a term of the encoder's own item ranking, which the LLM does not read
+    # (docs/deviations.md)
     run $o/enc train_encoder.py configs/ml100k.py --seed=$seed --seen_bias=False
     run $o/gpt train_llm.py configs/ml100k_gpt.py --seed=$seed
     pair="--encoder_ckpt=$o/enc/best.pt --llm_ckpt=$o/gpt/best.pt"

@@ -6,7 +6,7 @@
 #    the variants and the other baselines, from that seed's pretrained pair.
 # Every run is evaluated on the same 500 test users (recall: every title ranked by log-likelihood; beam search beside
 # it). One CPU thread per run. A finished run (out_dir/done) is skipped, so an interrupted script resumes. The table:
-#     python report.py --summary=True --runs='out/syn-s*/*'
+#     python report.py --summary=True --examples=500 --runs='out/syn-s*/*'
 set -e
 source "$(dirname "$0")/run.sh"
 [ -d data/synthetic ] || python data.py
@@ -40,4 +40,4 @@ for seed in "$@"; do
     [ "$seed" -gt 3 ] || llm $seed fav-tp10 --task=fav --fusion=none --text_events=10 --max_steps=600 \
         --llm_ckpt=$hist/best.pt
 done
-python report.py --summary=True --runs='out/syn-s*/*'
+python report.py --summary=True --examples=500 --runs='out/syn-s*/*'
