@@ -11,7 +11,7 @@ import train_llm
 from config import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLM = {"ml20m_", "amazon_", "google_", "synthetic_llm", "synthetic_gpt", "ml100k_"}
+LLM = {"ml20m_", "amazon_", "google_", "synthetic_llm", "synthetic_gpt", "ml100k_", "ml1m_"}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
