@@ -5,6 +5,7 @@ docs/benchmarks.md.
     python bench.py --encoder=configs/ml100k.py --dataset=ml100k --batch_size=256 --threads=1
     python bench.py --dtype=True --threads=1   # fp32 against bf16 autocast on this CPU
     python bench.py --prepare=True             # data.py on a 20M-event MovieLens-format file
+    python bench.py --ranking=out/synthetic-llm/best.pt --threads=1   # eval.py's ranking speed
     python bench.py --gpu_check=True           # on a GPU: both training scripts, bf16 + compile
 
 - encoder: one train_encoder.py config's training step: examples/s, events/s, targets/s, FLOP/s,
@@ -13,6 +14,9 @@ docs/benchmarks.md.
   bf16 autocast on the CPU (random weights and ids): why dtype=auto stays fp32 on a CPU.
 - prepare: `python data.py --dataset=ml20m` on a generated ml-20m-shaped ratings.csv: seconds, peak
   memory, then batch assembly examples/s.
+- ranking: eval.py's exact ranking of every title, by scoring the whole trie and by the top-10
+  search, in CPU-seconds per user against the FLOP floor (tokens fed x FLOPs per token / matmul
+  rate).
 - gpu_check: train_encoder.py and train_llm.py (a GPT-2-small-shaped GPT from scratch) under
   torchrun, in bf16 with torch.compile and in fp16 (GradScaler); units/s from their log.jsonl and
   MFU = 6 x params x tokens/s / the GPU's dense bf16 peak. Exits 1 naming any run that fails. Its
@@ -35,10 +39,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import encoder
 import userllm
-from common import (cpu_has_bf16, cpu_sdpa_flops, peak_flops, print_table, seeded_subset, six_nd,
-                    time_train_step, to_device)
+from common import (checkpoint_data, cpu_has_bf16, cpu_sdpa_flops, load_checkpoint, peak_flops,
+                    print_table, seeded_subset, six_nd, time_train_step, to_device)
 from config import UserError, cli, configure
-from data import Prompter, UserData, batch_targets, get_tokenizer
+from data import Prompter, UserData, batch_targets, by_prompt_length, get_tokenizer
+from decode import answer_logprobs, top_answers, trie_chunks
 from encoder import EncoderConfig, encoder_config, history_positions, make_encoder
 from model import GPT, GPTConfig
 from sources import generate_ml20m_shape
@@ -51,6 +56,7 @@ DEFAULTS = dict(
     encoder="",  # a train_encoder.py config: its training throughput
     dtype=False, gpt2_batch=2, gpt2_len=256,  # fp32 against bf16 autocast on the CPU
     prepare=False, prepare_events=20_000_000, prepare_dir="data/bench",  # preparation at scale
+    ranking="", ranking_examples=200,  # a next-item train_llm.py checkpoint: ranking speed
     # the GPU check: steps of the bf16 runs and of the fp16 one, their dtype and torch.compile, the
     # LLM's (n_layer, n_head, n_embd), (encoder, LLM) batch sizes, all runs' seconds in all, their
     # out_dirs
@@ -376,6 +382,79 @@ def bench_prepare(cfg, seconds=3):
                 batch=rows)
 
 
+# --------------------------------------------------------------------------------------------------
+# ranking every title by log-likelihood (eval.py): the search, scoring all, and the FLOP floor
+
+def matmul_rate(n=2048, repeats=5):
+    """This machine's fp32 matmul FLOP/s at the current thread count (best of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def bench_ranking(cfg):
+    """For a next-item train_llm.py checkpoint, on a seeded `ranking_examples` test users (batches
+    of 32): CPU-seconds per user to rank every title by scoring the whole trie (eval.py
+    --fast=False) and by the exact top-10 search (--fast=True), the tokens each feeds per user, and
+    the floor: tokens x forward FLOPs per token (counted on a batch of prompts) / this machine's
+    matmul rate."""
+    ckpt = load_checkpoint(cfg.ranking)
+    d = checkpoint_data(ckpt, cfg.ranking)
+    tok = get_tokenizer(ckpt["config"]["llm"])
+    tcfg, model = userllm.from_checkpoint(ckpt, cfg.ranking, d, tok)
+    prompter = Prompter(d, tok, "next_item", tcfg.text_events, tcfg.max_text_tokens,
+                        tcfg.max_answer_tokens)
+    targets = seeded_subset(d.targets("test"), cfg.ranking_examples, cfg.seed)
+    answers = prompter.answers[1:]
+    chunks = trie_chunks(answers)
+    fed = [0]  # tokens through the LLM, counted where each is embedded
+
+    def count_tokens(module, args):
+        fed[0] += args[0].numel()
+    model.llm.transformer.wte.register_forward_pre_hook(count_tokens)
+    rows, flops_token = [], None
+    for name, rank in (("every title (--fast=False)", lambda idx, c: answer_logprobs(
+                            model.llm, idx, c, answers, chunks)),
+                       ("exact top 10 (--fast=True)", lambda idx, c: top_answers(
+                            model.llm, idx, c, answers, k=10))):
+        cpu, tokens = 0.0, 0
+        prompts = prompter.prompts(targets)
+        for group in by_prompt_length(prompts, 32):
+            batch = to_device(d.batch(targets[group], tcfg.seq_len), "cpu")
+            idx = torch.tensor([prompts[i] for i in group])
+            context = model.context(batch["hist"])
+            if flops_token is None:
+                with FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flops()) as count:
+                    model.llm(idx, **context)
+                flops_token = count.get_total_flops() / idx.numel()
+            fed[0], t0 = 0, time.process_time()
+            rank(idx, context)
+            cpu += time.process_time() - t0
+            tokens += fed[0] - idx.numel()  # beyond the prompts themselves
+        rows.append(dict(ranking=name, cpu_s_user=cpu / len(targets),
+                         tokens_user=tokens / len(targets)))
+    rate = matmul_rate()
+    for r in rows:
+        r["floor_s_user"] = r["tokens_user"] * flops_token / rate
+        r["of_floor"] = r["floor_s_user"] / r["cpu_s_user"]
+    nodes = sum(len(c.tokens) for c in chunks)
+    print_table(rows, f"ranking {len(answers):,} titles ({nodes:,} trie nodes) for "
+                f"{len(targets)} test users of {cfg.ranking}, torch threads "
+                f"{torch.get_num_threads()}; forward {flops_token / 1e6:.2f} MFLOP per token, "
+                f"matmul {rate / 1e9:.1f} GFLOP/s",
+                [("ranking", "ranking", ""), ("CPU-s/user", "cpu_s_user", ".4f"),
+                 ("tokens/user", "tokens_user", ",.0f"), ("floor s/user", "floor_s_user", ".4f"),
+                 ("floor / measured", "of_floor", ".2f")])
+    return rows
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
@@ -384,6 +463,8 @@ def main(argv):
         return gpu_check(cfg)
     if cfg.prepare:
         return bench_prepare(cfg)
+    if cfg.ranking:
+        return bench_ranking(cfg)
     if cfg.dtype:
         if not cpu_has_bf16():
             print("bench.py --dtype=True: skipped. This CPU has no native bf16 (no avx512_bf16 or "
@@ -414,8 +495,8 @@ def main(argv):
                      ("targets/s", "targets_per_s", ",.0f"), ("GFLOP/s", "gflops_per_s", ".1f"),
                      ("device", "device", ""), ("MFU", "mfu", "")])
         return rows
-    raise UserError("bench.py: choose --encoder=CONFIG, --dtype=True, --prepare=True or "
-                    "--gpu_check=True")
+    raise UserError("bench.py: choose --encoder=CONFIG, --dtype=True, --prepare=True, "
+                    "--ranking=CKPT or --gpu_check=True")
 
 
 if __name__ == "__main__":

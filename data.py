@@ -487,6 +487,16 @@ class Prompter:
         return d_batch
 
 
+def by_prompt_length(prompts, batch_size):
+    """Batches of example positions whose prompts have equal length (one tensor each)."""
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for members in groups.values():
+        for j in range(0, len(members), batch_size):
+            yield members[j:j + batch_size]
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv, __doc__, RULES)
     t0 = time.time()

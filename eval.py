@@ -25,7 +25,7 @@ from common import (DEVICES, checkpoint_data, eval_file, evaluate_ranking, load_
                     load_weights, print_table, ranking_metrics, reference_rows, seeded_subset,
                     to_device, write_atomic)
 from config import UserError, at_least, cli, configure, one_of
-from data import Prompter, get_tokenizer
+from data import Prompter, by_prompt_length, get_tokenizer
 from decode import Trie, beam_search, generate, top_answers
 from encoder import EncoderConfig, make_encoder
 from userllm import describe, from_checkpoint
@@ -72,16 +72,6 @@ def top_metrics(top, labels):
     out = {f"recall@{k}": float((ranks < k).mean()) for k in (1, 5, 10)}
     out["ndcg@10"] = float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
     return out
-
-
-def by_prompt_length(prompts, batch_size):
-    """Batches of example positions whose prompts have equal length (one tensor each)."""
-    groups = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    for members in groups.values():
-        for j in range(0, len(members), batch_size):
-            yield members[j:j + batch_size]
 
 
 @torch.no_grad()

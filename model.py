@@ -231,8 +231,9 @@ class Recency(nn.Module):
 
 class SoftPrompt(nn.Module):
     """Soft-prompt fusion (App. B): the user embeddings projected to the LLM width by a two-layer
-    MLP and a learned task prompt of n_task_tokens in front, prepended to the text. forward(user (B,
-    M, D), user_mask (B, M)) -> prefix (B, n_task + M, C), prefix_mask (B, n_task + M)."""
+    MLP and a learned task prompt of n_task_tokens in front, prepended to the text (the MLP and the
+    task tokens are ours: the paper does not give the projection; docs/deviations.md).
+    forward(user (B, M, D), user_mask (B, M)) -> prefix (B, n_task + M, C), prefix_mask."""
 
     def __init__(self, d_user, n_embd, n_task_tokens):
         super().__init__()

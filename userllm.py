@@ -37,7 +37,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     text_events=0,  # > 0: the last k events as text in the prompt (TP10; with an encoder: AR50TP10)
     perceiver=False, n_latents=16, perceiver_layers=2,
     last_events=0,  # > 0: the LLM reads only the latest k event embeddings (truncation, Table 6)
-    recency=True,  # ours: a recency embedding on what the cross-attention reads (model.Recency)
+    recency=True,  # ours (docs/deviations.md): a recency embedding on what the LLM reads
     # the user encoder: a train_encoder.py checkpoint, or (encoder_ckpt='') a random AR encoder of
     # this shape
     encoder_ckpt="", enc_feature_dims=(64, 16, 16), enc_n_embd=128, enc_n_layer=2, enc_n_head=4,
@@ -52,8 +52,8 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # cross-attention blocks: before every k-th LLM block; attention and FFW widths (0: C and 4C)
     xattn_every=1, xattn_dim=0, xattn_ffw=0,
     lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
-    gate_init=0.01,  # ours: the gates' start before tanh (Flamingo: 0)
-    fusion_lr_mult=1.0, gate_lr_mult=1.0, perceiver_lr_mult=1.0,  # ours: lr multipliers
+    gate_init=0.01,  # ours (docs/deviations.md): the gates' start before tanh (Flamingo: 0)
+    fusion_lr_mult=1.0, gate_lr_mult=1.0, perceiver_lr_mult=1.0,  # ours: lr multipliers (docs/)
     max_answer_tokens=64,
     # ours, fusion='none' (data.Prompter): pack the batch's previous examples before each one; write
     # 0..mixed_history events before the query

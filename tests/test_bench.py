@@ -128,3 +128,22 @@ def test_bf16_on_a_cpu_without_it_says_so(monkeypatch, capsys):
     rt = common.setup("cpu", "bfloat16")
     assert rt.dtype == torch.bfloat16
     assert "warning: dtype=bfloat16 on a CPU without native bf16" in capsys.readouterr().out
+
+
+def test_ranking_benchmark_feeds_fewer_tokens_searching(small, tmp_path, capsys):
+    """bench.py --ranking=CKPT on a tiny untrained User-LLM: both rankings run on the seeded test
+    users, scoring every title feeds exactly the trie's tokens per user, the search at most as
+    many, and each row is set against its FLOP floor."""
+    import train_llm
+    from data import Prompter, get_tokenizer
+    from decode import trie_chunks
+    train_llm.main([f"--data_dir={small.path}", f"--out_dir={tmp_path}", "--max_steps=0", "--n_layer=1",
+                    "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2",
+                    "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", "--eval_examples=8"])
+    cfg = configure(bench.DEFAULTS, [f"--ranking={tmp_path / 'best.pt'}", "--ranking_examples=6"])
+    full, search = bench.bench_ranking(cfg)
+    answers = Prompter(small, get_tokenizer("scratch"), "next_item", 0, 512, 64).answers[1:]
+    nodes = sum(len(c.tokens) for c in trie_chunks(answers))
+    assert full["tokens_user"] == nodes and 0 < search["tokens_user"] <= nodes
+    assert all(0 < r["floor_s_user"] and r["of_floor"] == r["floor_s_user"] / r["cpu_s_user"] for r in (full, search))
+    assert "6 test users" in capsys.readouterr().out
