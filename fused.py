@@ -5,7 +5,8 @@ to the plain form (tests/test_fused.py).
 - linear_cross_entropy (EncoderConfig.fused_loss, on by default): the encoder's tied next-event
   cross-entropy, F.cross_entropy(x @ w.T (+ b * seen), y), computed a chunk of rows at a time with
   its gradient in the same pass, so that no (K, V) logits tensor is allocated, filled or saved for
-  backward. On a CPU it halves the MovieLens-100K encoder's step (docs/benchmarks.md).
+  backward (docs/benchmarks.md has what it saves). Without gradients (validation) the plain
+  expression is summed over chunks of rows, so a large catalogue's (K, V) logits never exist whole.
 
 Dimension letters: K rows (the positions that have a target), d their width, V the candidates.
 """
@@ -49,13 +50,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad * dx, grad * dw, None, None, grad * db if ctx.has_b else None
 
 
-def linear_cross_entropy(x, w, y, seen_rows=None, b=None):
+def linear_cross_entropy(x, w, y, seen_rows=None, b=None, rows=4096):
     """Summed cross-entropy of the logits x @ w.T (+ b * seen_rows(0, K)) against y. On the CPU in
-    fp32 with gradients: LinearCrossEntropy; elsewhere (a GPU, where a (K, V) tensor is cheap; CPU
-    bf16 autocast; no gradients) the plain expression."""
-    fused = x.device.type == "cpu" and x.dtype == w.dtype and torch.is_grad_enabled()
-    if fused and (x.requires_grad or w.requires_grad):
+    fp32 with gradients: LinearCrossEntropy; with gradients elsewhere (a GPU, CPU bf16 autocast) the
+    plain expression; without gradients (validation) the plain expression `rows` rows at a time, so
+    that a validation batch of a large catalogue never holds its whole (K, V) logits."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        total = x.new_zeros(())
+        for i in range(0, len(x), rows):
+            seen = None if seen_rows is None else (lambda j, k, i=i: seen_rows(i + j, i + k))
+            total = total + plain_cross_entropy(x[i:i + rows], w, y[i:i + rows], seen, b)
+        return total
+    if x.device.type == "cpu" and x.dtype == w.dtype:
         return LinearCrossEntropy.apply(x, w, y, seen_rows, b)
+    return plain_cross_entropy(x, w, y, seen_rows, b)
+
+
+def plain_cross_entropy(x, w, y, seen_rows=None, b=None):
     z = x @ w.T
     if seen_rows is not None:
         z = z + b * seen_rows(0, len(x))

@@ -70,3 +70,19 @@ def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch, seen):
     empty_rows = (lambda i, j: encoder.seen_mask(cols[:0], 30)) if seen else None
     empty = fused.linear_cross_entropy(x[:0], w, y[:0], empty_rows, b)
     assert empty.item() == 0.0 and torch.autograd.grad(empty, w)[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("seen", [False, True])
+def test_validation_loss_is_summed_in_chunks(seen):
+    """Without gradients (validation) the loss is the plain expression over chunks of rows, equal to
+    the whole (K, V) at once, the seen rows of each chunk its own."""
+    torch.manual_seed(0)
+    x, w, y = torch.randn(23, 8), torch.randn(11, 8), torch.randint(0, 11, (23,))
+    mask = (torch.rand(23, 11) < 0.3).float()
+    rows = (lambda i, j: mask[i:j]) if seen else None
+    b = torch.tensor(-2.0) if seen else None
+    whole = F.cross_entropy(x @ w.T + (b * mask if seen else 0), y, reduction="sum")
+    with torch.no_grad():
+        chunked = fused.linear_cross_entropy(x, w, y, rows, b, rows=5)
+    torch.testing.assert_close(chunked, whole)
+    assert not torch.allclose(fused.linear_cross_entropy(x, w, y.roll(1), rows, b, rows=5), whole)
