@@ -292,7 +292,8 @@ class Run:
             model = torch.compile(model)
         if self.rt.world_size > 1:
             cuda = self.rt.device.type == "cuda"
-            model = DDP(model, device_ids=[self.rt.local_rank] if cuda else None)
+            model = DDP(model, device_ids=[self.rt.local_rank] if cuda else None,
+                        gradient_as_bucket_view=True)  # the gradients live in the buckets: no copy
         return model
 
     def due(self):

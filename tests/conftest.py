@@ -95,15 +95,16 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in log_rows(out_dir) if "loss" in r}
 
 
-def run_twice(script, data_dir, tmp_path, *args):
-    """The same run in one process and under torchrun --nproc_per_node=2 (gloo, one thread each),
-    with the global batch (16) split in 2 micro-batches, one per rank; returns the two out_dirs."""
+def run_twice(script, data_dir, tmp_path, *args, nproc=2):
+    """The same run in one process and under torchrun --nproc_per_node=nproc (gloo, one thread
+    each), with the global batch (16) split in nproc micro-batches, one per rank; returns the two
+    out_dirs."""
     args = [str(ROOT / script), f"--data_dir={data_dir}", *args, "--batch_size=16", "--log_interval=1",
-            "--max_steps=4", "--eval_interval=2", "--grad_accum=2", "--warmup_steps=1"]
+            "--max_steps=4", "--eval_interval=2", f"--grad_accum={nproc}", "--warmup_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same summation order in every matmul
     # --standalone: torchrun picks a free port (a fixed one can still be held by an earlier case's
     # processes)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     for cmd, out in (([sys.executable], "one"), (torchrun, "two")):
         r = subprocess.run([*cmd, *args, f"--out_dir={tmp_path / out}"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
@@ -111,15 +112,20 @@ def run_twice(script, data_dir, tmp_path, *args):
     return tmp_path / "one", tmp_path / "two"
 
 
-def assert_same_runs(one, two):
-    """Every loss and validation line, the final weights and Adam's moments: bit for bit."""
+def assert_same_runs(one, two, exact=True):
+    """Every loss and validation line, the final weights and Adam's moments: bit for bit (exact), or
+    to float rounding (more than 2 ranks sum their gradients in another order than one process)."""
     from common import load_checkpoint
-    assert log_rows(one) == log_rows(two)
+    same = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6))
+    rows = log_rows(one), log_rows(two)
+    assert [sorted(r) for r in rows[0]] == [sorted(r) for r in rows[1]]
+    assert all(same(torch.tensor([float(x[k]) for k in x]), torch.tensor([float(y[k]) for k in x]))
+               for x, y in zip(*rows))
     assert set(losses(one)) == {1, 2, 3, 4}
     a, b = (load_checkpoint(str(x / "ckpt.pt")) for x in (one, two))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the same gradient, not half
+    assert all(same(a["model"][k], b["model"][k]) for k in a["model"])  # the same gradient, not half
     moments = [(a["optimizer"]["state"][0][k], b["optimizer"]["state"][0][k]) for k in ("exp_avg", "exp_avg_sq")]
-    assert all(torch.equal(x, y) for x, y in moments)
+    assert all(same(x, y) for x, y in moments)
 
 
 def prep(tmp_path, name, **kw):
