@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import (Runtime, adamw, get_lr, load_checkpoint, load_weights, micro_batches, print_table,
-                    ranking_metrics, save_checkpoint, shard_batches)
+from common import (Runtime, adamw, get_lr, load_checkpoint, load_weights, micro_batches,
+                    print_table, ranking_metrics, save_checkpoint, shard_batches)
 from config import UserError
 
 
 def test_lr_schedule():
-    cfg = types.SimpleNamespace(lr=1.0, warmup_steps=10, lr_decay_steps=110, max_steps=200, min_lr=0.1)
+    cfg = types.SimpleNamespace(lr=1.0, warmup_steps=10, lr_decay_steps=110, max_steps=200,
+                                min_lr=0.1)
     lrs = [get_lr(s, cfg) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
@@ -31,8 +32,10 @@ def test_checkpoint_roundtrip_and_bad_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(str(tmp_path / "bad.pt"))
-    (tmp_path / "pickle.pt").write_bytes(b"\x80\x02garbage")  # a pickle stream, but not one of a checkpoint
-    with pytest.raises(UserError, match="cannot read checkpoint .*pickle.pt: not a checkpoint, or a damaged one$"):
+    # a pickle stream, but not one of a checkpoint
+    (tmp_path / "pickle.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(UserError, match="cannot read checkpoint .*pickle.pt: not a checkpoint, "
+                                        "or a damaged one$"):
         load_checkpoint(str(tmp_path / "pickle.pt"))
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
@@ -53,8 +56,8 @@ def test_checkpoint_refuses_pickled_code(tmp_path, payload):
     torch.save({"model": payload}, path)
     with pytest.raises(UserError) as e:
         load_checkpoint(str(path))
-    assert str(e.value) == (f"{path} holds code (a pickled class or function) and was not loaded: a "
-                            "checkpoint is data")
+    assert str(e.value) == (f"{path} holds code (a pickled class or function) and was not loaded: "
+                            "a checkpoint is data")
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
@@ -68,10 +71,12 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path):
     assert at > 0
     raw[at + 3] ^= 0x40
     path.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match="ckpt.pt is damaged: its content does not match its checksum"):
+    with pytest.raises(UserError,
+                       match="ckpt.pt is damaged: its content does not match its checksum"):
         load_checkpoint(str(path))
     torch.save({"model": {"w": w}}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="other.pt is not a checkpoint of train_encoder.py or train_llm.py"):
+    with pytest.raises(UserError,
+                       match="other.pt is not a checkpoint of train_encoder.py or train_llm.py"):
         load_checkpoint(str(tmp_path / "other.pt"))
 
 
@@ -100,15 +105,18 @@ def test_evaluation_batches_do_not_depend_on_world_size():
     one = [(i, b.tolist()) for i, b in shard_batches(ids, 5)]
     assert [i for i, _ in one] == [0, 1, 2, 3, 4]
     for world in (2, 3, 7):
-        shards = [shard_batches(ids, 5, Runtime(r, r, world, torch.device("cpu"), torch.float32)) for r in range(world)]
+        shards = [shard_batches(ids, 5, Runtime(r, r, world, torch.device("cpu"), torch.float32))
+                  for r in range(world)]
         assert sorted((i, b.tolist()) for s in shards for i, b in s) == one
 
 
 def test_micro_batches_do_not_depend_on_world_size():
     ids = np.arange(12)
     one = micro_batches(ids, Runtime(0, 0, 1, torch.device("cpu"), torch.float32), 4)
-    two = [micro_batches(ids, Runtime(r, r, 2, torch.device("cpu"), torch.float32), 4) for r in range(2)]
-    assert [(i, c.tolist()) for i, c in one] == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8]), (3, [9, 10, 11])]
+    two = [micro_batches(ids, Runtime(r, r, 2, torch.device("cpu"), torch.float32), 4)
+           for r in range(2)]
+    assert [(i, c.tolist()) for i, c in one] == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8]),
+                                                 (3, [9, 10, 11])]
     assert [(i, c.tolist()) for i, c in two[0]] == [(0, [0, 1, 2]), (2, [6, 7, 8])]
     assert [(i, c.tolist()) for i, c in two[1]] == [(1, [3, 4, 5]), (3, [9, 10, 11])]
     with pytest.raises(UserError, match="multiple of the world size"):
@@ -122,8 +130,10 @@ def test_adamw_groups_and_lr_multipliers():
     model.register_parameter("gate_attn", torch.nn.Parameter(torch.zeros(1)))
     opt = adamw(model, 0.5, 0.1, lr_mult={"gate_": 10.0})
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
-    assert by_param[id(model[0].weight)]["weight_decay"] == 0.1 and by_param[id(model[0].bias)]["weight_decay"] == 0.0
-    assert by_param[id(model.gate_attn)]["lr_mult"] == 10.0 and by_param[id(model[1].weight)]["lr_mult"] == 1.0
+    assert (by_param[id(model[0].weight)]["weight_decay"] == 0.1
+            and by_param[id(model[0].bias)]["weight_decay"] == 0.0)
+    assert (by_param[id(model.gate_attn)]["lr_mult"] == 10.0
+            and by_param[id(model[1].weight)]["lr_mult"] == 1.0)
     assert sum(len(g["params"]) for g in opt.param_groups) == 5
 
 
@@ -141,9 +151,11 @@ def test_ranking_metrics_against_brute_force():
     m = ranking_metrics(scores, target)
     ranks = [(scores[b] > scores[b, target[b]]).sum().item() for b in range(50)]
     assert m["recall@5"] == pytest.approx(np.mean([r < 5 for r in ranks]))
-    assert m["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(r + 2) if r < 10 else 0 for r in ranks]))
+    assert m["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(r + 2) if r < 10 else 0
+                                                  for r in ranks]))
     flat = ranking_metrics(torch.zeros(4, 10), torch.tensor([1, 2, 3, 4]))
-    assert flat["recall@5"] == 0.0  # ties count against the target: a constant scorer gets no credit
+    # ties count against the target: a constant scorer gets no credit
+    assert flat["recall@5"] == 0.0
 
 
 def test_results_table_shows_every_rows_metrics(capsys):
@@ -152,4 +164,5 @@ def test_results_table_shows_every_rows_metrics(capsys):
     print_table({"User-LLM": {"beam_recall@10": 0.25}, "most popular": {"recall@10": 0.0625}})
     header, model, popular = capsys.readouterr().out.splitlines()
     assert header.split() == ["beam_recall@10", "recall@10"]
-    assert model.split() == ["User-LLM", "0.2500"] and popular.split() == ["most", "popular", "0.0625"]
+    assert (model.split() == ["User-LLM", "0.2500"]
+            and popular.split() == ["most", "popular", "0.0625"])

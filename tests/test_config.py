@@ -11,15 +11,19 @@ from config import UserError, configure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16), init=None)
+DEFAULTS = dict(lr=1e-3, max_steps=100, dataset="synthetic", compile=False, dims=(64, 16),
+                init=None)
 
 
 def test_config_file_and_overrides(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\nlr = 3e-4\nmax_steps = 7\n_private = 1\n")
-    cfg = configure(DEFAULTS, [str(f), "--lr=1", "--dataset=ml20m", "--compile=True", "--dims=[8, 4]", "--init=None"])
+    cfg = configure(DEFAULTS,
+                    [str(f), "--lr=1", "--dataset=ml20m", "--compile=True", "--dims=[8, 4]",
+                     "--init=None"])
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # int -> float
-    assert cfg.max_steps == 7 and cfg.dataset == "ml20m" and cfg.compile is True and cfg.dims == (8, 4)
+    assert (cfg.max_steps == 7 and cfg.dataset == "ml20m"
+            and cfg.compile is True and cfg.dims == (8, 4))
     assert cfg.init is None
 
 
@@ -49,7 +53,8 @@ def test_config_file_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^config: .*c.py:2: .*(never closed|invalid syntax)"):
         configure(DEFAULTS, [str(f)])
     f.write_text("lr = 3e-4\n\nmax_steps = steps * 2\n")
-    with pytest.raises(UserError, match=r"^config: .*c.py:3: NameError: name 'steps' is not defined$"):
+    with pytest.raises(UserError,
+                       match=r"^config: .*c.py:3: NameError: name 'steps' is not defined$"):
         configure(DEFAULTS, [str(f)])
 
 
@@ -61,7 +66,8 @@ def test_help_lists_every_key_with_its_default(capsys):
     assert "--max_steps" in out and "100" in out and "(64, 16)" in out and "'synthetic'" in out
 
 
-@pytest.mark.parametrize("script", ["data", "train_encoder", "train_llm", "eval", "flops", "bench", "report"])
+@pytest.mark.parametrize("script",
+                         ["data", "train_encoder", "train_llm", "eval", "flops", "bench", "report"])
 def test_every_script_answers_help(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit) as e:
@@ -70,8 +76,9 @@ def test_every_script_answers_help(script, capsys):
     assert e.value.code == 0 and module.__doc__.strip().splitlines()[0] in out and "  --" in out
 
 
-@pytest.mark.parametrize("args", [["train_encoder.py", "--n_layers=2"], ["eval.py", "--ckpt=missing.pt"],
-                                  ["data.py", "--dataset=ml2m"], ["train_llm.py", "--fusion=film"]])
+@pytest.mark.parametrize("args", [["train_encoder.py", "--n_layers=2"],
+                                  ["eval.py", "--ckpt=missing.pt"], ["data.py", "--dataset=ml2m"],
+                                  ["train_llm.py", "--fusion=film"]])
 def test_a_user_error_is_one_line_at_the_command_line(args, tmp_path):
     """Library code raises UserError; the script's entry point prints its message as one line, exit
     code 1, no traceback."""

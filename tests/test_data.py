@@ -22,8 +22,10 @@ def test_split_invariant_every_user(syn):
         train = d.targets("train", min_history)
         assert not np.isin(train, held_out).any()
         idx, real = d.windows(np.r_[train, val], N)
-        assert not np.isin(idx[real], test).any() and not np.isin(idx[:len(train)][real[:len(train)]], held_out).any()
-        for u in range(d.n_users):  # brute force: every earlier event with enough history, and only those
+        assert (not np.isin(idx[real], test).any()
+                and not np.isin(idx[:len(train)][real[:len(train)]], held_out).any())
+        # brute force: every earlier event with enough history, and only those
+        for u in range(d.n_users):
             s, e = d.offsets[u], d.offsets[u + 1]
             assert test[u] == e - 1 and val[u] == e - 2
             assert list(train[(train >= s) & (train < e)]) == list(range(s + min_history, e - 2))
@@ -42,7 +44,8 @@ def test_windows_equal_bruteforce(syn):
                 assert b["hist"][f][k].tolist() == ref and b["target"][f][k] == d.feats[f][target]
             g = [int(d.feats[1][j]) for j in past]
             best = max(g.count(x) for x in g) if g else 0
-            ref_fav = next((x for x in reversed(g) if g.count(x) == best), 0)  # tied genre seen last wins
+            # tied genre seen last wins
+            ref_fav = next((x for x in reversed(g) if g.count(x) == best), 0)
             assert b["fav"][k] == ref_fav
 
 
@@ -58,8 +61,10 @@ def test_batch_targets_resumable_epochs():
     targets = np.arange(100, 197)  # 97 targets: batches straddle epoch ends
     steps = [data.batch_targets(targets, s, 10, seed=5) for s in range(20)]
     stream = np.concatenate(steps)
-    assert sorted(stream[:97]) == list(targets) and sorted(stream[97:194]) == list(targets)  # each epoch: no repeats
-    assert (data.batch_targets(targets, 13, 10, seed=5) == steps[13]).all()  # a function of (seed, step)
+    # each epoch: no repeats
+    assert sorted(stream[:97]) == list(targets) and sorted(stream[97:194]) == list(targets)
+    # a function of (seed, step)
+    assert (data.batch_targets(targets, 13, 10, seed=5) == steps[13]).all()
     assert not (data.batch_targets(targets, 0, 10, seed=6) == steps[0]).all()
 
 
@@ -87,11 +92,13 @@ def test_prompts_hold_what_they_claim(small):
     batch = p(small.batch(targets, 10), targets)
     for r, t in enumerate(targets):
         text = tok.decode([x for x in batch["idx"][r].tolist()])
-        titles = [small.item_titles[small.feats[0][j]] for j in range(t - 3, t)]  # the last 3 events, oldest first
+        # the last 3 events, oldest first
+        titles = [small.item_titles[small.feats[0][j]] for j in range(t - 3, t)]
         history = text.split("History: ")[1].split("\n")[0]
         ratings = [small.rating_values[small.feats[2][j]] for j in range(t - 3, t)]
         assert history == "; ".join(f"{ti}, {r:g}" for ti, r in zip(titles, ratings))
-        answer = [x for x in batch["targets"][r].tolist() if x >= 0]  # the loss sees the answer and eot only
+        # the loss sees the answer and eot only
+        answer = [x for x in batch["targets"][r].tolist() if x >= 0]
         assert tok.decode(answer) == " " + p.names[small.feats[0][t]] + "<|endoftext|>"
     fixed = Prompter(small, tok, "next_item", 0, 512, 64).prompts(targets)
     assert len({len(x) for x in fixed}) == 1  # User-LLM's query is the same short text for everyone
@@ -103,17 +110,21 @@ def test_packed_pretraining_rows(small):
     tok = get_tokenizer("scratch")
     targets = small.targets("train")[:5]
     plain = Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets)
-    packed = Prompter(small, tok, "next_item", 0, 512, 64, pack=2)(small.batch(targets, 10), targets)
+    packed = Prompter(small, tok, "next_item", 0, 512, 64, pack=2)(small.batch(targets, 10),
+                                                                   targets)
     texts = [tok.decode([x for x in row.tolist()]).split("<|endoftext|>")[0] + "<|endoftext|>"
              for row in plain["idx"]]  # each example alone: query, title, eot
     answers = [[x for x in row.tolist() if x >= 0] for row in plain["targets"]]
     for r in range(5):
-        mine = [(r - 2) % 5, (r - 1) % 5, r]  # two earlier examples of the batch, wrapping around, then its own
+        # two earlier examples of the batch, wrapping around, then its own
+        mine = [(r - 2) % 5, (r - 1) % 5, r]
         row = packed["idx"][r].tolist()
         assert tok.decode(row).startswith("".join(texts[j] for j in mine)[:-len("<|endoftext|>")])
-        assert [x for x in packed["targets"][r].tolist() if x >= 0] == sum((answers[j] for j in mine), [])
+        assert ([x for x in packed["targets"][r].tolist() if x >= 0]
+                == sum((answers[j] for j in mine), []))
     query = tok.encode_ordinary(data.QUERY["next_item"])
-    assert packed["idx"][0, :len(query)].tolist() == query  # the first example still starts at position 0
+    # the first example still starts at position 0
+    assert packed["idx"][0, :len(query)].tolist() == query
     with pytest.raises(UserError, match="pack_examples=1 needs fusion='none'"):
         build_model(tiny(pack_examples=1, fusion="xattn"), small, tok)
 
@@ -133,7 +144,8 @@ def test_mixed_history_pretraining_prompts(small):
         assert tok.decode(p) == expected
         lengths.add(k if small.history_text(t, k) else 0)
     assert lengths == {0, 1, 2, 3}  # every history length occurs, none at all included
-    assert mixed.prompts(targets) == mixed.prompts(targets)  # the same example, the same prompt (resumable)
+    # the same example, the same prompt (resumable)
+    assert mixed.prompts(targets) == mixed.prompts(targets)
     a, b = plain(small.batch(targets, 10), targets), mixed(small.batch(targets, 10), targets)
     assert [[x for x in r if x >= 0] for r in a["targets"].tolist()] == \
         [[x for x in r if x >= 0] for r in b["targets"].tolist()]
@@ -148,10 +160,13 @@ def test_fav_and_review_answers(small):
     targets = small.targets("val")[:4]
     b = small.batch(targets, 10)
     fav = Prompter(small, tok, "fav", 0, 512, 64).answer_tokens(targets, b)
-    assert [tok.decode(a[:-1]) for a in fav] == [" " + small.genre_names[g] for g in b["fav"].tolist()]
+    assert [tok.decode(a[:-1]) for a in fav] == [" " + small.genre_names[g]
+                                                 for g in b["fav"].tolist()]
     review = Prompter(small, tok, "review_gen", 0, 512, 8)
-    assert all(len(a) <= 9 for a in review.answer_tokens(targets, b))  # truncated to max_answer_tokens + eot
-    assert small.item_titles[small.feats[0][targets[0]]] in tok.decode(review.prompts(targets[:1])[0])
+    # truncated to max_answer_tokens + eot
+    assert all(len(a) <= 9 for a in review.answer_tokens(targets, b))
+    assert (small.item_titles[small.feats[0][targets[0]]]
+            in tok.decode(review.prompts(targets[:1])[0]))
 
 
 def test_gpt2_tokenizer_offline():

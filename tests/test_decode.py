@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from decode import (TREE_NODES, Trie, answer_logprobs, beam_search, generate, top_answers, tree_logits,
-                    trie_chunks)
+from decode import (TREE_NODES, Trie, answer_logprobs, beam_search, generate, top_answers,
+                    tree_logits, trie_chunks)
 from model import GPT, GPTConfig, KVCache, SoftPrompt
 
 
@@ -49,7 +49,8 @@ def brute_force(llm, idx, context, answers):
     tgt = torch.full((C, L), -1, dtype=torch.long)
     for c, a in enumerate(answers):
         ans[c, :len(a)] = tgt[c, :len(a)] = torch.tensor(a)
-    inputs = torch.cat([idx.repeat_interleave(C, 0), ans.repeat(B, 1)[:, :-1]], dim=1)  # (B*C, P + L - 1)
+    # (B*C, P + L - 1)
+    inputs = torch.cat([idx.repeat_interleave(C, 0), ans.repeat(B, 1)[:, :-1]], dim=1)
     logits, _ = llm(inputs, **{k: v.repeat_interleave(C, dim=0) for k, v in context.items()})
     logp = torch.log_softmax(logits[:, P - 1:].float(), dim=-1)  # (B*C, L, V): the answer positions
     t = tgt.repeat(B, 1)  # (B*C, L)
@@ -59,8 +60,9 @@ def brute_force(llm, idx, context, answers):
 
 # shared prefixes of several depths, different lengths, a one-token answer, one answer the prefix of
 # another's tokens
-ANSWERS = [[5, 6, 7, EOT], [5, 6, 8, EOT], [5, 6, EOT], [5, 9, 9, 9, 9, 1, EOT], [12, EOT], [EOT], [5, 6, 7, 3, EOT],
-           [40, 41, 42, 43, 44, 45, 46, 47, EOT], [40, 41, 2, EOT], [12, 13, EOT], [7, EOT]]
+ANSWERS = [[5, 6, 7, EOT], [5, 6, 8, EOT], [5, 6, EOT], [5, 9, 9, 9, 9, 1, EOT], [12, EOT], [EOT],
+           [5, 6, 7, 3, EOT], [40, 41, 42, 43, 44, 45, 46, 47, EOT], [40, 41, 2, EOT],
+           [12, 13, EOT], [7, EOT]]
 
 
 @pytest.mark.parametrize("kind", ["xattn", "soft_prompt"])
@@ -99,13 +101,15 @@ def test_beam_size_one_is_greedy(kind):
     for b in range(3):
         (tokens, score), = beams[b]
         assert tokens == greedy[b].tolist()
-        assert math.isclose(score, sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)), abs_tol=1e-4)
+        assert math.isclose(score, sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)),
+                            abs_tol=1e-4)
 
 
 def test_beam_search_sorted_and_scores_match_forward():
     model, inputs = model_and_context("xattn")
     idx = torch.randint(0, V, (3, 6))
-    eos = generate(model, idx, 3, **inputs)[0, -1].item()  # greedy emits it at step 3 of row 0: some beams finish
+    # greedy emits it at step 3 of row 0: some beams finish
+    eos = generate(model, idx, 3, **inputs)[0, -1].item()
     beams = beam_search(model, idx, 4, 6, eos=eos, **inputs)
     n_finished = 0
     for b in range(3):
@@ -115,7 +119,9 @@ def test_beam_search_sorted_and_scores_match_forward():
         for tokens, score in beams[b]:
             assert eos not in tokens[:-1]
             n_finished += tokens[-1] == eos
-            assert math.isclose(score, sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)), abs_tol=1e-4)
+            assert math.isclose(score,
+                                sequence_logprob(model, idx[b:b + 1], tokens, row(inputs, b)),
+                                abs_tol=1e-4)
     assert n_finished > 0
     # the best hypothesis is at least as likely as greedy's (beam search explores a superset of
     # greedy's path)
@@ -128,7 +134,8 @@ def test_beam_search_honours_allowed():
     eos = 0
     catalogue = [[7, 8, 9, eos], [7, 3, eos], [11, eos], [12, 13, 14, 15, eos]]
 
-    def allowed(rows):  # a prefix trie over the catalogue, the way eval.py constrains to item titles
+    # a prefix trie over the catalogue, the way eval.py constrains to item titles
+    def allowed(rows):
         return [sorted({c[len(r)] for c in catalogue if c[:len(r)] == r}) for r in rows]
 
     idx = torch.randint(1, V, (3, 6))
@@ -139,7 +146,8 @@ def test_beam_search_honours_allowed():
         assert scores == sorted(scores, reverse=True)
         # the exact top 3 of the 4 catalogue items (the catalogue is small enough for beam 4 to
         # score them all)
-        exact = sorted((sequence_logprob(model, idx[b:b + 1], c, row(inputs, b)) for c in catalogue), reverse=True)
+        exact = sorted((sequence_logprob(model, idx[b:b + 1], c, row(inputs, b))
+                        for c in catalogue), reverse=True)
         for s, e in zip(scores, exact[:3]):
             assert math.isclose(s, e, abs_tol=1e-4)
     unconstrained = beam_search(model, idx, 3, 8, eos=eos, **inputs)
@@ -169,11 +177,14 @@ def test_tree_logits_are_a_plain_forward_of_each_path_and_leave_the_cache():
     idx = torch.randint(0, EOT, (3, 4))
     cache = KVCache(model.config.n_layer)
     model(idx, cache=cache, **context)
-    before = (cache.key_mask.clone(), cache.n_real.clone(), [layer.k.clone() for layer in cache.layers])
-    tokens, parent = torch.tensor([3, 4, 5, 6, 7]), torch.tensor([-1, 0, 1, -1, 1])  # two roots; 4 has children 5, 7
+    before = (cache.key_mask.clone(), cache.n_real.clone(),
+              [layer.k.clone() for layer in cache.layers])
+    # two roots; 4 has children 5, 7
+    tokens, parent = torch.tensor([3, 4, 5, 6, 7]), torch.tensor([-1, 0, 1, -1, 1])
     got = tree_logits(model, tokens.expand(3, -1), parent, cache)  # (3, 5, V)
     for t, path in enumerate([[3], [3, 4], [3, 4, 5], [6], [3, 4, 7]]):
-        full = model(torch.cat([idx, torch.tensor([path]).expand(3, -1)], 1), **context)[0][:, -1]  # (3, V)
+        # (3, V)
+        full = model(torch.cat([idx, torch.tensor([path]).expand(3, -1)], 1), **context)[0][:, -1]
         torch.testing.assert_close(got[:, t], full, atol=1e-5, rtol=0)
     assert torch.equal(cache.key_mask, before[0]) and torch.equal(cache.n_real, before[1])
     assert all(torch.equal(layer.k, k) for layer, k in zip(cache.layers, before[2]))
@@ -191,12 +202,14 @@ def test_memory_is_bounded_whatever_the_catalogue_size():
         titles.add(tuple(rng.randrange(EOT) for _ in range(rng.randint(1, 7))) + (EOT,))
     answers = [list(t) for t in titles]
     fed = []
-    hook = model.transformer.wte.register_forward_hook(lambda m, args, out: fed.append(tuple(args[0].shape)))
+    hook = model.transformer.wte.register_forward_hook(
+        lambda m, args, out: fed.append(tuple(args[0].shape)))
     idx = torch.randint(0, EOT, (2, 6))
     scores = answer_logprobs(model, idx, context, answers)
     hook.remove()
     assert scores.shape == (2, 27_000) and torch.isfinite(scores).all()
-    assert fed[0] == (2, 6) and max(b * t for b, t in fed[1:]) <= 2 * TREE_NODES  # the prompt, then chunks
+    # the prompt, then chunks
+    assert fed[0] == (2, 6) and max(b * t for b, t in fed[1:]) <= 2 * TREE_NODES
     prefixes = {tuple(a[:i]) for a in answers for i in range(1, len(a))}
     assert len(prefixes) <= sum(t for _, t in fed[1:]) <= 1.05 * len(prefixes)
     some = [rng.randrange(len(answers)) for _ in range(5)]

@@ -12,10 +12,13 @@ from config import UserError
 from encoder import Bert4Rec, DualEncoder, EncoderConfig, UserEncoder
 
 VOCAB = (31, 6, 6)  # item, genre, rating; id 0 is padding
-SMALL = dict(vocab_sizes=VOCAB, feature_dims=(16, 8, 8), n_embd=32, n_layer=2, n_head=4, block_size=16)
+SMALL = dict(vocab_sizes=VOCAB, feature_dims=(16, 8, 8), n_embd=32, n_layer=2, n_head=4,
+             block_size=16)
 CLASSES = {"ar": UserEncoder, "bert4rec": Bert4Rec, "dual": DualEncoder}
-ALL = ["ar", "bert4rec", "dual", "dual-fav"]  # 'dual-fav': Dual Encoder with label_task='fav' and 3 user embeddings
-SEEN = ["ar-seen", "bert4rec-seen", "dual-seen"]  # with seen_bias=True, the bias set to -1 (+ noise)
+# 'dual-fav': Dual Encoder with label_task='fav' and 3 user embeddings
+ALL = ["ar", "bert4rec", "dual", "dual-fav"]
+# with seen_bias=True, the bias set to -1 (+ noise)
+SEEN = ["ar-seen", "bert4rec-seen", "dual-seen"]
 
 
 def make(name, seed=0, noise=0.0, **kw):
@@ -64,7 +67,8 @@ def repad(hist, extra=3, seed=1):
 
 def test_config_roundtrip_and_errors():
     cfg = EncoderConfig(kind="dual", n_user_embs=2, **SMALL)
-    d = json.loads(json.dumps(dataclasses.asdict(cfg)))  # what a checkpoint stores: tuples come back as lists
+    # what a checkpoint stores: tuples come back as lists
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
     assert isinstance(d["vocab_sizes"], list)
     assert EncoderConfig(**d) == cfg
     with pytest.raises(UserError, match="one entry per feature"):
@@ -72,7 +76,8 @@ def test_config_roundtrip_and_errors():
     with pytest.raises(UserError, match="kind"):
         EncoderConfig(kind="sasrec")
     with pytest.raises(ValueError, match="bert4rec"):
-        Bert4Rec(EncoderConfig(**SMALL))  # kind='ar' config for a Bert4Rec: a checkpoint would lie about its model
+        # kind='ar' config for a Bert4Rec: a checkpoint would lie about its model
+        Bert4Rec(EncoderConfig(**SMALL))
     with pytest.raises(ValueError, match="block_size"):
         make("ar").embed(random_batch(N=20, n_real=(3,))["hist"])
 
@@ -120,9 +125,11 @@ def test_tied_weights(name):
     for f, table in enumerate(m.trunk.wte):
         assert sum(p is table.weight for p in m.parameters()) == 1
         # no separate output matrix anywhere outside the input tables
-        assert not any(p.shape == table.weight.shape for n, p in m.named_parameters() if not n.startswith("trunk.wte."))
+        assert not any(p.shape == table.weight.shape for n, p in m.named_parameters()
+                       if not n.startswith("trunk.wte."))
         h = torch.randn(2, 32)
-        torch.testing.assert_close(m.logits(h, f)[:, 1:VOCAB[f]], (m.proj[f](h) @ table.weight.T)[:, 1:VOCAB[f]])
+        torch.testing.assert_close(m.logits(h, f)[:, 1:VOCAB[f]],
+                                   (m.proj[f](h) @ table.weight.T)[:, 1:VOCAB[f]])
     j = int(hist[0][0, 2])  # an item in the input and a column of the scores
     with torch.no_grad():
         emb0, s0 = m.embed(hist)[0], m.scores(hist)
@@ -137,7 +144,8 @@ def test_tied_weights(name):
     b = random_batch(n_real=(6, 6))
     m.loss(b).backward()
     seen = set(b["hist"][0].flatten().tolist()) | set(b["target"][0].tolist())
-    unseen = min(set(range(1, VOCAB[0])) - seen)  # never an input: its gradient comes from the output use only
+    # never an input: its gradient comes from the output use only
+    unseen = min(set(range(1, VOCAB[0])) - seen)
     assert m.trunk.wte[0].weight.grad[unseen].abs().sum() > 0
     opt.step()
     assert not torch.equal(before, m.trunk.wte[0].weight)
@@ -149,7 +157,8 @@ def test_padding_invariance(name):
     events."""
     m, hist = make(name, noise=0.3), random_batch()["hist"]
     more = repad(hist)
-    assert not torch.equal(more[1][more[0] == 0], torch.zeros_like(more[1][more[0] == 0]))  # garbage really there
+    # garbage really there
+    assert not torch.equal(more[1][more[0] == 0], torch.zeros_like(more[1][more[0] == 0]))
     with torch.no_grad():
         (e0, k0), (e1, k1) = m.embed(hist), m.embed(more)
         torch.testing.assert_close(m.scores(hist), m.scores(more), atol=1e-5, rtol=1e-5)
@@ -168,7 +177,8 @@ def test_loss_ignores_padding(name):
     m, b = make(name, noise=0.3), random_batch()
     with torch.no_grad():
         base = m.loss(b)
-        torch.testing.assert_close(m.loss(b | dict(hist=repad(b["hist"]))), base, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.loss(b | dict(hist=repad(b["hist"]))), base, atol=1e-5,
+                                   rtol=1e-5)
         other = tuple(x.clone() for x in b["hist"])
         other[0][0, -1] = other[0][0, -1] % (VOCAB[0] - 1) + 1
         assert not torch.allclose(m.loss(b | dict(hist=other)), base)
@@ -183,7 +193,8 @@ def test_bert4rec_cloze_loss_ignores_padding():
     masked = m.cloze_mask(seq[0] != 0)
     masked_more = torch.cat([torch.zeros(len(masked), 3, dtype=torch.bool), masked], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(m.cloze_loss(seq_more, masked_more), m.cloze_loss(seq, masked), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.cloze_loss(seq_more, masked_more), m.cloze_loss(seq, masked),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_bert4rec_masking():
@@ -191,7 +202,8 @@ def test_bert4rec_masking():
     features at once."""
     m = make("bert4rec")
     torch.manual_seed(0)
-    n_real = torch.tensor([0, 1, 2, 5, 12] * 200)  # includes an all-padding row and single-event rows
+    # includes an all-padding row and single-event rows
+    n_real = torch.tensor([0, 1, 2, 5, 12] * 200)
     real = torch.arange(12)[None] >= (12 - n_real)[:, None]  # (1000, 12), left padding
     masked = m.cloze_mask(real)
     assert not (masked & ~real).any()
@@ -214,7 +226,8 @@ def test_special_columns_are_minus_inf(name):
         assert s.shape[1] == VOCAB[0]  # the [MASK] column is dropped: column i is item i
         h = torch.randn(3, 32)
         for f, v in enumerate(VOCAB):
-            logits = m.logits(h, f, seen=torch.zeros(3, 1, dtype=torch.long))  # no history: no seen bias
+            # no history: no seen bias
+            logits = m.logits(h, f, seen=torch.zeros(3, 1, dtype=torch.long))
             assert logits.shape == (3, v + 1) and torch.isneginf(logits[:, [0, v]]).all()
 
 
@@ -243,7 +256,8 @@ def test_overfits_tiny_batch(name):
 def test_seen_ids():
     """Causal: position t sees the ids of events 0..t; bidirectional: every event's."""
     items = torch.tensor([[0, 5, 7, 5]])
-    assert encoder.seen_ids(items, causal=True)[0].tolist() == [[0, 0, 0, 0], [0, 5, 0, 0], [0, 5, 7, 0], [0, 5, 7, 5]]
+    assert encoder.seen_ids(items, causal=True)[0].tolist() == [[0, 0, 0, 0], [0, 5, 0, 0],
+                                                                [0, 5, 7, 0], [0, 5, 7, 5]]
     assert encoder.seen_ids(items, causal=False)[0].tolist() == [[0, 5, 7, 5]] * 4
 
 
@@ -275,9 +289,11 @@ def test_seen_bias_learns_whether_users_repeat(repeat):
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for step in range(40):
-        b = random_batch(n_real=(6, 6, 6, 6), seed=step)  # distinct ids: no target is in its history
+        # distinct ids: no target is in its history
+        b = random_batch(n_real=(6, 6, 6, 6), seed=step)
         if repeat:  # the next item is one of the history's
-            b["target"][0][:] = b["hist"][0][torch.arange(4), torch.randint(0, 6, (4,), generator=g)]
+            b["target"][0][:] = b["hist"][0][torch.arange(4),
+                                             torch.randint(0, 6, (4,), generator=g)]
         loss = m.loss(b)
         opt.zero_grad()
         loss.backward()
@@ -287,8 +303,8 @@ def test_seen_bias_learns_whether_users_repeat(repeat):
 
 def test_dual_encoder_fuses_late():
     """Late fusion (App. A): one Transformer per feature in the user tower, each reading its feature
-    alone; the favourite-genre variant reads the items alone (the genres would give its answer away);
-    the fusion layers emit n_user_embs embeddings."""
+    alone; the favourite-genre variant reads the items alone (the genres would give its answer
+    away); the fusion layers emit n_user_embs embeddings."""
     m = make("dual", noise=0.1)
     assert len(m.towers) == 3 and [len(t.wte) for t in m.towers] == [1, 1, 1]
     b = random_batch()

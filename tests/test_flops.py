@@ -23,13 +23,15 @@ def tokenizers():
 
 def tiny(**kw):
     """A train_llm.py config of a tiny GPT and encoder (N=50 events, 16 latents, as the paper)."""
-    shape = dict(n_layer=2, n_head=2, n_embd=64, max_text_tokens=16, enc_n_embd=16, enc_n_layer=1, enc_n_head=2,
-                 enc_feature_dims=(8, 4, 4), seq_len=50, n_latents=16, n_task_tokens=4, strategy="full")
+    shape = dict(n_layer=2, n_head=2, n_embd=64, max_text_tokens=16, enc_n_embd=16, enc_n_layer=1,
+                 enc_n_head=2, enc_feature_dims=(8, 4, 4), seq_len=50, n_latents=16,
+                 n_task_tokens=4, strategy="full")
     return types.SimpleNamespace(**{**DEFAULTS, **shape, **kw})
 
 
 def test_six_nd_reproduces_the_paper():
-    assert [round(flops.six_nd_reduction(t, 32), 1) for t in (700, 1350, 2500)] == [21.9, 42.2, 78.1]
+    assert ([round(flops.six_nd_reduction(t, 32), 1) for t in (700, 1350, 2500)]
+            == [21.9, 42.2, 78.1])
     assert flops.six_nd(124e6, 1000) == pytest.approx(7.44e11)
 
 
@@ -38,11 +40,15 @@ def test_textprompt_tokens_equal_an_independent_count(small):
         rows = flops.token_table(small, {name: tok}, (5, 50), examples=12, seed=0)
         targets = seeded_subset(small.targets("test"), 12, 0)
         for row in rows:
-            mine = [len(tok.encode_ordinary(f"History: {small.history_text(t, row['N'])}\n" + QUERY["next_item"]))
+            mine = [len(tok.encode_ordinary(f"History: {small.history_text(t, row['N'])}\n"
+                                            + QUERY["next_item"]))
                     for t in targets]
-            assert row["textprompt_mean"] == pytest.approx(np.mean(mine)) and row["textprompt_max"] == max(mine)
-            assert row["userllm"] == len(tok.encode_ordinary(QUERY["next_item"])) == row["userllm_max"]
-            assert row["events"] == pytest.approx(np.mean([min(row["N"], t - small.offsets[small.user_of(t)])
+            assert (row["textprompt_mean"] == pytest.approx(np.mean(mine))
+                    and row["textprompt_max"] == max(mine))
+            assert (row["userllm"] == len(tok.encode_ordinary(QUERY["next_item"]))
+                    == row["userllm_max"])
+            assert row["events"] == pytest.approx(np.mean([min(row["N"],
+                                                               t - small.offsets[small.user_of(t)])
                                                            for t in targets]))
 
 
@@ -51,11 +57,13 @@ def test_textprompt_tokens_grow_with_n_while_user_llm_stays(small):
     for name in tokenizers():
         mine = [r for r in rows if r["tokenizer"] == name]
         tp = [r["textprompt_mean"] for r in mine]
-        assert tp[0] < tp[1] < tp[2]  # the small dataset's users have up to ~120 events: TP200 shows more than TP100
+        # the small dataset's users have up to ~120 events: TP200 shows more than TP100
+        assert tp[0] < tp[1] < tp[2]
         assert len({r["userllm"] for r in mine}) == 1 and mine[0]["userllm"] < tp[0] / 10
     nd = flops.six_nd_table(rows)
     assert [round(r["paper_reduction"], 1) for r in nd[:3]] == [21.9, 42.2, 78.1]
-    assert all(r["ours_reduction"] == pytest.approx(t["textprompt_mean"] / t["userllm"]) for r, t in zip(nd, rows))
+    assert all(r["ours_reduction"] == pytest.approx(t["textprompt_mean"] / t["userllm"])
+               for r, t in zip(nd, rows))
 
 
 def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
@@ -70,10 +78,12 @@ def test_flop_count_of_a_plain_gpt_is_6nd_plus_attention(small):
     B, T = 4, 16
     torch.manual_seed(0)
     idx = torch.randint(0, c.vocab_size, (B, T))
-    batch = dict(idx=idx, targets=idx, hist=to_device(small.batch(small.targets("test")[:B], 50), "cpu")["hist"])
+    batch = dict(idx=idx, targets=idx,
+                 hist=to_device(small.batch(small.targets("test")[:B], 50), "cpu")["hist"])
     total, user = flops.count_flops(model, batch)
     assert user == 0  # TextPrompt has no user side
-    matmul_weights = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd  # blocks + the (tied) lm_head
+    # blocks + the (tied) lm_head
+    matmul_weights = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
     attention = 14 * c.n_layer * B * T * T * c.n_embd
     assert total == pytest.approx(flops.six_nd(matmul_weights, B * T) + attention, rel=1e-3)
     assert total == pytest.approx(six_nd(sum(p.numel() for p in gpt.parameters()), B * T), rel=0.10)
@@ -85,7 +95,8 @@ def test_perceiver_cuts_user_positions_from_50_to_16(small, fusion):
     tok = get_tokenizer("scratch")
     hist = to_device(small.batch(small.targets("test")[:3], 50), "cpu")["hist"]
     without = flops.user_positions(build_model(tiny(fusion=fusion), small, tok), hist)
-    with_p = flops.user_positions(build_model(tiny(fusion=fusion, perceiver=True), small, tok), hist)
+    with_p = flops.user_positions(build_model(tiny(fusion=fusion, perceiver=True), small, tok),
+                                  hist)
     if fusion == "soft_prompt":
         assert (without, with_p) == ((4 + 50, 50), (4 + 16, 16))
     else:
@@ -93,13 +104,17 @@ def test_perceiver_cuts_user_positions_from_50_to_16(small, fusion):
 
 
 def test_cost_table_counts_the_user_side_and_textprompt_costs_more(small):
-    cfg = types.SimpleNamespace(**{**flops.DEFAULTS, "n_layer": 1, "n_embd": 32, "n_head": 2, "enc_n_embd": 16,
-                                   "enc_n_layer": 1, "enc_n_head": 2, "enc_feature_dims": (8, 4, 4), "n_latents": 4,
-                                   "seq_len": 10, "batch_size": 2, "steps": 1, "gen_examples": 1})
+    cfg = types.SimpleNamespace(**{**flops.DEFAULTS, "n_layer": 1, "n_embd": 32, "n_head": 2,
+                                   "enc_n_embd": 16, "enc_n_layer": 1, "enc_n_head": 2,
+                                   "enc_feature_dims": (8, 4, 4), "n_latents": 4, "seq_len": 10,
+                                   "batch_size": 2, "steps": 1, "gen_examples": 1})
     rows = {r["variant"]: r for r in flops.cost_table(cfg, small, get_tokenizer("scratch"))}
-    tp, xattn, sp = rows["TextPrompt TP10"], rows["User-LLM xattn"], rows["User-LLM soft prompt + Perceiver"]
-    assert tp["user_gflops"] == 0 and xattn["user_gflops"] > 0 and sp["user_gflops"] > xattn["user_gflops"]
-    assert tp["T"] > 5 * xattn["T"] and tp["gflops"] > xattn["gflops"] and (sp["P"], sp["M"]) == (4 + 4, 4)
+    tp, xattn, sp = (rows["TextPrompt TP10"], rows["User-LLM xattn"],
+                     rows["User-LLM soft prompt + Perceiver"])
+    assert (tp["user_gflops"] == 0 and xattn["user_gflops"] > 0
+            and sp["user_gflops"] > xattn["user_gflops"])
+    assert (tp["T"] > 5 * xattn["T"] and tp["gflops"] > xattn["gflops"]
+            and (sp["P"], sp["M"]) == (4 + 4, 4))
     assert all(r["gflops"] == pytest.approx(r["llm_gflops"] + r["user_gflops"]) and r["ms_step"] > 0
                and r["ms_answer"] > 0 for r in rows.values())
 
@@ -112,7 +127,8 @@ def test_strategy_table_counts_what_each_strategy_trains(small):
     cfg = types.SimpleNamespace(**{**flops.DEFAULTS, "seq_len": 10})
     rows = flops.strategy_table(cfg, small)
     C, D = 768, 256
-    block = 2 * C + (C * C + C) + (D * 2 * C + 2 * C) + (C * C + C) + 1 + 2 * C + (8 * C * C + 5 * C) + 1
+    block = (2 * C + (C * C + C) + (D * 2 * C + 2 * C) + (C * C + C) + 1 + 2 * C
+             + (8 * C * C + 5 * C) + 1)
     assert block == 6_301_442
     gpt2 = {(r["xattn"], r["strategy"]): r for r in rows if r["shape"].startswith("GPT-2")}
     assert round(gpt2["1, 0, 0", "proj"]["fusion"] * 1e6) == 12 * block
@@ -121,7 +137,8 @@ def test_strategy_table_counts_what_each_strategy_trains(small):
     for x in ("1, 0, 0", "4, 0, 0", "1, 192, 768", "4, 192, 768"):
         r = {s: gpt2[x, s] for s in ("full", "lora", "enc", "proj")}
         assert round((r["proj"]["trained"] - r["proj"]["fusion"]) * 1e6) == recency
-        assert r["full"]["trained"] > r["lora"]["trained"] > r["enc"]["trained"] > r["proj"]["trained"]
+        assert (r["full"]["trained"] > r["lora"]["trained"] > r["enc"]["trained"]
+                > r["proj"]["trained"])
         assert r["full"]["all"] - r["full"]["trained"] < 0.01 * r["full"]["all"]  # the heads only
     assert gpt2["4, 192, 768", "proj"]["share"] < 0.05 < gpt2["1, 0, 0", "proj"]["share"]
 
@@ -134,7 +151,8 @@ def test_activation_bytes_count_what_backward_keeps_and_scale_with_the_batch(sma
     x = torch.randn(5, 16)
     _, n = flops.activation_bytes(lambda: torch.relu(lin(x)).sum(), list(lin.parameters()))
     assert n == 5 * 16 * 4 + 5 * 32 * 4  # the input (for the weight's gradient), relu's output
-    _, n2 = flops.activation_bytes(lambda: torch.relu(lin(torch.cat([x, x]))).sum(), list(lin.parameters()))
+    _, n2 = flops.activation_bytes(lambda: torch.relu(lin(torch.cat([x, x]))).sum(),
+                                   list(lin.parameters()))
     assert n2 == 2 * n
     r = flops.scale_row(os.path.join(flops.HERE, "configs", "ml20m.py"), small, examples=2)
     assert r["config"] == "ml20m.py" and r["trained"] == r["all"] and r["micro"] == 32768 // 32

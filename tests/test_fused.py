@@ -21,7 +21,8 @@ def test_fused_loss_equals_the_plain_per_feature_cross_entropy(name):
     targets = [torch.randint(0, v, (4, 7)) for v in VOCAB]
     targets[0][0], targets[1][3] = 0, 0  # row 0: no item target; row 3: no genre target
     targets[2][:] = 0
-    seen = encoder.seen_ids(torch.randint(0, VOCAB[0], (4, 7)), causal=True) if name.endswith("-seen") else None
+    seen = (encoder.seen_ids(torch.randint(0, VOCAB[0], (4, 7)), causal=True)
+            if name.endswith("-seen") else None)
     assert m.cfg.fused_loss  # the default
     fast = m.feature_loss(h, targets, seen)
     m.cfg.fused_loss = False
@@ -30,10 +31,12 @@ def test_fused_loss_equals_the_plain_per_feature_cross_entropy(name):
                 for f, w in enumerate(m.cfg.loss_weights) if w)
     assert torch.equal(slow, plain)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    grads = [torch.autograd.grad(loss, [h, *m.parameters()], allow_unused=True) for loss in (fast, slow)]
+    grads = [torch.autograd.grad(loss, [h, *m.parameters()], allow_unused=True)
+             for loss in (fast, slow)]
     for a, b, p in zip(*grads, [h, *m.parameters()]):
         torch.testing.assert_close(a if a is not None else torch.zeros_like(p),
-                                   b if b is not None else torch.zeros_like(p), atol=1e-5, rtol=1e-5)
+                                   b if b is not None else torch.zeros_like(p), atol=1e-5,
+                                   rtol=1e-5)
     m.cfg.fused_loss = True
     targets[0][1, 2] = targets[0][1, 2] % (VOCAB[0] - 1) + 1
     assert not torch.allclose(m.feature_loss(h, targets, seen), fast)
@@ -49,7 +52,8 @@ def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch, seen):
     monkeypatch.setattr(fused.LinearCrossEntropy, "CHUNK", 4)
     x, w = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
     y = torch.randint(0, 30, (10,))
-    cols, b = (torch.randint(-1, 30, (10, 6)), torch.tensor(-0.7, requires_grad=True)) if seen else (None, None)
+    cols, b = ((torch.randint(-1, 30, (10, 6)), torch.tensor(-0.7, requires_grad=True)) if seen
+               else (None, None))
     rows = (lambda i, j: encoder.seen_mask(cols[i:j], 30)) if seen else None
     z = x @ w.T
     if seen:
@@ -60,10 +64,12 @@ def test_linear_cross_entropy_equals_the_plain_expression(monkeypatch, seen):
                     listed[i, c] = 1.0
         assert 0 < listed.sum() < 60  # repeats and -1 really there
         z = z + b * listed
-    fast, slow = fused.linear_cross_entropy(x, w, y, rows, b), F.cross_entropy(z, y, reduction="sum")
+    fast, slow = (fused.linear_cross_entropy(x, w, y, rows, b),
+                  F.cross_entropy(z, y, reduction="sum"))
     torch.testing.assert_close(fast, slow)
     params = [x, w] + ([b] if seen else [])
-    for g1, g2 in zip(torch.autograd.grad(2.0 * fast, params), torch.autograd.grad(2.0 * slow, params)):
+    for g1, g2 in zip(torch.autograd.grad(2.0 * fast, params),
+                      torch.autograd.grad(2.0 * slow, params)):
         torch.testing.assert_close(g1, g2)
     y[7] = (y[7] + 1) % 30
     assert not torch.allclose(fused.linear_cross_entropy(x, w, y, rows, b), fast)

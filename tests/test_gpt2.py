@@ -37,14 +37,17 @@ def test_read_safetensors_without_the_package(tmp_path):
 def test_load_gpt2_matches_transformers(tmp_path, safe):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100,
-                                                              n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32,
+                                                              vocab_size=100, n_positions=64,
+                                                              bos_token_id=0,
+                                                              eos_token_id=0)).eval()
     hf.save_pretrained(tmp_path, safe_serialization=safe)
     if not (tmp_path / "pytorch_model.bin").exists() and not safe:
         # transformers >= 5 writes safetensors only; write the .bin the way the hub's gpt2 has it:
         # GPT2Model names (no "transformer." prefix) plus the causal-mask buffers attn.bias /
         # attn.masked_bias
-        sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()
+              if k != "lm_head.weight"}
         for i in range(2):
             sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
             sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -66,11 +69,13 @@ def test_load_gpt2_matches_transformers(tmp_path, safe):
 
 
 def test_load_gpt2_offline_fails_fast_with_one_line(tmp_path):
-    env = dict(os.environ, NANOUSERLLM_CACHE=str(tmp_path / "cache"), NANOUSERLLM_HUB="http://127.0.0.1:9")
-    code = "import config, gpt2; config.cli(lambda argv: gpt2.load_gpt2('gpt2'))"  # as a script reports it
+    env = dict(os.environ, NANOUSERLLM_CACHE=str(tmp_path / "cache"),
+               NANOUSERLLM_HUB="http://127.0.0.1:9")
+    # as a script reports it
+    code = "import config, gpt2; config.cli(lambda argv: gpt2.load_gpt2('gpt2'))"
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert time.time() - t0 < 30
     assert r.returncode == 1 and "Traceback" not in r.stderr
     msg = r.stderr.strip()

@@ -9,7 +9,8 @@ D = 8  # user-embedding width in these tests
 
 def tiny(**kw):
     """Flamingo's gates at 0 unless kw says otherwise (gate_init)."""
-    return GPTConfig(**dict(block_size=64, vocab_size=61, n_layer=3, n_head=2, n_embd=16, gate_init=0.0) | kw)
+    return GPTConfig(**dict(block_size=64, vocab_size=61, n_layer=3, n_head=2, n_embd=16,
+                            gate_init=0.0) | kw)
 
 
 def twins(**kw):
@@ -62,11 +63,13 @@ def test_gates_started_off_zero_teach_the_cross_attention_from_the_first_step():
     base, x = twins(d_user=D, gate_init=0.01)
     idx = torch.randint(0, 61, (3, 10))
     user, mask = user_batch()
-    assert torch.allclose(x(idx, user=user, user_mask=mask)[0], base(idx)[0], atol=2e-3)  # gates at 0.5: 0.04
+    # gates at 0.5: 0.04
+    assert torch.allclose(x(idx, user=user, user_mask=mask)[0], base(idx)[0], atol=2e-3)
     assert not torch.equal(x(idx, user=user, user_mask=mask)[0], base(idx)[0])
     _, loss = x(idx, idx, user=user, user_mask=mask)
     loss.backward()
-    assert x.xattn["0"].attn.q.weight.grad.abs().max().item() > 0  # compare test_gate_gradients_flow_at_zero
+    # compare test_gate_gradients_flow_at_zero
+    assert x.xattn["0"].attn.q.weight.grad.abs().max().item() > 0
 
 
 def test_lora_identity_at_init_then_perturbed():
@@ -108,7 +111,8 @@ def test_padded_events_never_change_soft_prompt_output():
                  (torch.cat([user, junk], 1), torch.cat([mask, off], 1))):
         prefix, prefix_mask = sp(u, m)
         assert prefix.shape == (3, 3 + 9, 16) and prefix_mask.shape == (3, 12)
-        torch.testing.assert_close(gpt(idx, prefix=prefix, prefix_mask=prefix_mask)[0], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gpt(idx, prefix=prefix, prefix_mask=prefix_mask)[0], ref,
+                                   atol=1e-5, rtol=0)
     assert not torch.allclose(gpt(idx, prefix=sp(torch.cat([junk, user], 1))[0])[0], ref, atol=1e-4)
 
 
@@ -130,4 +134,5 @@ def test_block_signature_unchanged():
     block = Block(16, 2, 0.0, True, causal=False)
     x, mask = torch.randn(2, 6, 16), torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6], dtype=torch.bool)
     y = block(x, key_mask=mask)
-    torch.testing.assert_close(y[0, :4], block(x[:1, :4])[0], atol=1e-6, rtol=0)  # padding changes nothing
+    # padding changes nothing
+    torch.testing.assert_close(y[0, :4], block(x[:1, :4])[0], atol=1e-6, rtol=0)

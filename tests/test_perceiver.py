@@ -26,8 +26,10 @@ def test_padded_inputs_do_not_change_output():
     ref, _ = p(x, mask)
     assert torch.isfinite(ref).all()
     junk, off = torch.randn(3, 5, D) * 10, torch.zeros(3, 5, dtype=torch.bool)
-    torch.testing.assert_close(p(torch.cat([junk, x], 1), torch.cat([off, mask], 1))[0], ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(p(torch.cat([x, junk], 1), torch.cat([mask, off], 1))[0], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p(torch.cat([junk, x], 1), torch.cat([off, mask], 1))[0], ref,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(p(torch.cat([x, junk], 1), torch.cat([mask, off], 1))[0], ref,
+                               atol=1e-6, rtol=0)
     x2 = x.clone()
     x2[1, :3] = torch.randn(3, D)  # changing padded features changes nothing ...
     torch.testing.assert_close(p(x2, mask)[0], ref, atol=1e-6, rtol=0)
@@ -68,13 +70,15 @@ def test_each_latent_starts_by_reading_one_recent_event():
     x, mask = torch.randn(64, 50, 128), torch.ones(64, 50, dtype=torch.bool)
     with torch.no_grad():
         out = p(x, mask)[0]
-        assert out.std(0).mean() > 0.5 and out.std(1).mean() > 0.8  # across users (0.71), across latents (0.94)
+        # across users (0.71), across latents (0.94)
+        assert out.std(0).mean() > 0.5 and out.std(1).mean() > 0.8
         x2 = x.clone()
         x2[:, -4] = torch.randn(64, 128)  # the event with recency 3 (three real events after it)
         change = (p(x2, mask)[0] - out).norm(dim=-1).mean(0)  # (16,): how much each latent moved
         assert change.argmax() == 3 and change[3] > 3 * change[torch.arange(16) != 3].max()
         p.read_bias.zero_()  # the control
-        assert p(x, mask)[0].std(1).mean() < 0.5  # 0.37 measured; 0.16 on a trained encoder's embeddings
+        # 0.37 measured; 0.16 on a trained encoder's embeddings
+        assert p(x, mask)[0].std(1).mean() < 0.5
 
 
 def test_each_latent_starts_as_its_event():

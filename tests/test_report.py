@@ -30,29 +30,34 @@ def fake_run(path, recall, losses, **cfg):
     (path / "config.json").write_text(json.dumps(vars(c)))
     rows = [json.dumps({"step": 20 * i, "loss": x}) + "\n" for i, x in enumerate(losses)]
     (path / "log.jsonl").write_text("".join(rows))
-    (path / "eval_test.json").write_text(json.dumps({"results": {"model": {"recall@10": recall},
-                                                                 "most popular": {"recall@10": 0.07}}}))
+    (path / "eval_test.json").write_text(json.dumps(
+        {"results": {"model": {"recall@10": recall}, "most popular": {"recall@10": 0.07}}}))
     return str(path)
 
 
 def polylines(path):
     """{title: [(x, y) pixels]} of an SVG file's lines."""
     root = ET.parse(path).getroot()
-    return {p.find(SVG + "title").text: [tuple(map(float, xy.split(","))) for xy in p.get("points").split()]
+    return {p.find(SVG + "title").text: [tuple(map(float, xy.split(",")))
+                                         for xy in p.get("points").split()]
             for p in root.iter(SVG + "polyline")}
 
 
 def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
-    runs = [fake_run(tmp_path / "u50", 0.20, [3, 1], seq_len=50), fake_run(tmp_path / "u10", 0.12, [3, 1], seq_len=10),
+    runs = [fake_run(tmp_path / "u50", 0.20, [3, 1], seq_len=50),
+            fake_run(tmp_path / "u10", 0.12, [3, 1], seq_len=10),
             fake_run(tmp_path / "t10", 0.09, [3, 2], fusion="none", text_events=10),
             fake_run(tmp_path / "t5", 0.10, [3, 2], fusion="none", text_events=5),
             fake_run(tmp_path / "u20", 0.05, [3, 2], seq_len=20, seed=7)]
     series = report.plot_fig3(runs, str(tmp_path / "fig3.svg"))
-    assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)), "TextPrompt": ((5, 10), (0.10, 0.09)),
-                      "User-LLM (enc) seed 7": ((20,), (0.05,))}  # another seed is drawn apart, not averaged in
+    assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)),
+                      "TextPrompt": ((5, 10), (0.10, 0.09)),
+                      # another seed is drawn apart, not averaged in
+                      "User-LLM (enc) seed 7": ((20,), (0.05,))}
     lines = polylines(tmp_path / "fig3.svg")
     (ua, ub), (ta, tb) = lines["User-LLM (enc)"], lines["TextPrompt"]
-    assert ua[0] < ub[0] and ua[1] > ub[1]  # N grows to the right; the higher recall is drawn higher (smaller y)
+    # N grows to the right; the higher recall is drawn higher (smaller y)
+    assert ua[0] < ub[0] and ua[1] > ub[1]
     assert ta[0] < tb[0] == ua[0] and ta[1] < tb[1]
     assert ta[1] > ua[1]  # TextPrompt's 0.10 is drawn below User-LLM's 0.12
     with pytest.raises(UserError, match="recall@20"):
@@ -77,10 +82,13 @@ def test_loss_curves_follow_the_logs(tmp_path):
     lines = polylines(tmp_path / "loss.svg")
     a, b = lines["User-LLM N=50 (enc)"], lines["no user context (enc)"]
     assert len(a) == len(b) == 4 and a[0] == b[0]  # same start (step 0, loss 4)
-    assert [p[1] for p in a] == sorted(p[1] for p in a)  # falling loss is drawn going down (y grows)
+    # falling loss is drawn going down (y grows)
+    assert [p[1] for p in a] == sorted(p[1] for p in a)
     # log scale: equal ratios are equal distances (4 -> 2 -> 1 -> 0.5)
-    assert a[1][1] - a[0][1] == pytest.approx(a[2][1] - a[1][1], abs=0.2) == pytest.approx(a[3][1] - a[2][1], abs=0.2)
-    assert all(y_b < y_a for (_, y_a), (_, y_b) in zip(a[1:], b[1:]))  # b's higher loss is drawn higher
+    assert (a[1][1] - a[0][1] == pytest.approx(a[2][1] - a[1][1], abs=0.2)
+            == pytest.approx(a[3][1] - a[2][1], abs=0.2))
+    # b's higher loss is drawn higher
+    assert all(y_b < y_a for (_, y_a), (_, y_b) in zip(a[1:], b[1:]))
     (tmp_path / "a" / "log.jsonl").write_text('{"step": 0, "val_loss": 4.0}\n')
     with pytest.raises(UserError, match="no training loss"):
         report.plot_curves(runs, str(tmp_path / "x.svg"))
@@ -93,8 +101,10 @@ def test_ticks_are_round():
 
 
 def test_labels_are_escaped(tmp_path):
-    report.svg_chart(str(tmp_path / "x.svg"), {"TP<10> & co": ((1, 2), (0.1, 0.2))}, "a & b", "N < 5", "y")
-    assert list(polylines(tmp_path / "x.svg")) == ["TP<10> & co"]  # parses, and the label reads back as written
+    report.svg_chart(str(tmp_path / "x.svg"), {"TP<10> & co": ((1, 2), (0.1, 0.2))}, "a & b",
+                     "N < 5", "y")
+    # parses, and the label reads back as written
+    assert list(polylines(tmp_path / "x.svg")) == ["TP<10> & co"]
 
 
 def encoder_run(path, kind, seed, rows):
@@ -107,37 +117,45 @@ def encoder_run(path, kind, seed, rows):
 
 
 def test_time_to_quality_plots_validation_recall_against_cpu_seconds(tmp_path):
-    val = lambda step, cpu_s, r: {"step": step, "val_recall@10": r, "val_ndcg@10": r / 2, "cpu_s": cpu_s}
-    train = lambda step, cpu_s: {"step": step, "loss": 5.0, "lr": 1e-3, "units_per_s": 1.0, "cpu_s": cpu_s}
-    ar = encoder_run(tmp_path / "ar", "ar", 1337, [val(0, 0.0, 0.01), train(20, 50.0), val(100, 240.0, 0.08),
-                                                    train(120, 290.0), val(200, 480.0, 0.12)])
+    val = lambda step, cpu_s, r: {"step": step, "val_recall@10": r, "val_ndcg@10": r / 2,
+                                  "cpu_s": cpu_s}
+    train = lambda step, cpu_s: {"step": step, "loss": 5.0, "lr": 1e-3, "units_per_s": 1.0,
+                                 "cpu_s": cpu_s}
+    ar = encoder_run(tmp_path / "ar", "ar", 1337,
+                     [val(0, 0.0, 0.01), train(20, 50.0), val(100, 240.0, 0.08),
+                      train(120, 290.0), val(200, 480.0, 0.12)])
     b4r = encoder_run(tmp_path / "b4r", "bert4rec", 2, [val(0, 0.0, 0.01), val(100, 240.0, 0.05)])
     report.main([f"--runs={ar},{b4r}", f"--time_to_quality={tmp_path / 't.svg'}"])
     assert report.plot_time_to_quality([ar, b4r], str(tmp_path / "t2.svg")) == {
-        "ar encoder": ((0.0, 240.0, 480.0), (0.01, 0.08, 0.12)),  # validation rows only, at their CPU-seconds
+        # validation rows only, at their CPU-seconds
+        "ar encoder": ((0.0, 240.0, 480.0), (0.01, 0.08, 0.12)),
         "bert4rec encoder seed 2": ((0.0, 240.0), (0.01, 0.05))}
     lines = polylines(tmp_path / "t.svg")
     a, b = lines["ar encoder"], lines["bert4rec encoder seed 2"]
-    assert len(a) == 3 and len(b) == 2 and a[0] == b[0] and a[1][0] == b[1][0]  # same start, same x at 240 s
-    assert a[0][0] < a[1][0] < a[2][0] and a[0][1] > a[1][1] > a[2][1]  # time to the right, recall going up
+    # same start, same x at 240 s
+    assert len(a) == 3 and len(b) == 2 and a[0] == b[0] and a[1][0] == b[1][0]
+    # time to the right, recall going up
+    assert a[0][0] < a[1][0] < a[2][0] and a[0][1] > a[1][1] > a[2][1]
     assert b[1][1] > a[1][1]  # Bert4Rec's 0.05 at 240 s is drawn below the AR encoder's 0.08
     assert a[2][0] - a[1][0] == pytest.approx(a[1][0] - a[0][0])  # a linear time axis
-    assert report.plot_time_to_quality([ar], str(tmp_path / "n.svg"), metric="ndcg@10")["ar encoder"][1] == (
-        0.005, 0.04, 0.06)
-    (tmp_path / "b4r" / "log.jsonl").write_text(json.dumps({"step": 0, "val_recall@10": 0.01}) + "\n")
+    assert report.plot_time_to_quality([ar], str(tmp_path / "n.svg"),
+                                       metric="ndcg@10")["ar encoder"][1] == (0.005, 0.04, 0.06)
+    (tmp_path / "b4r" / "log.jsonl").write_text(json.dumps({"step": 0, "val_recall@10": 0.01})
+                                                + "\n")
     with pytest.raises(UserError, match="no validation recall@10 with cpu_s"):
         report.plot_time_to_quality([ar, b4r], str(tmp_path / "x.svg"))
 
 
 def run_dir(path, seed, recall, gate=0.5, **cfg):
     path.mkdir()
-    c = configure(DEFAULTS, [f"--{k}={v}" for k, v in cfg.items()] + ["--encoder_ckpt=enc.pt", f"--seed={seed}",
-                                                                        f"--out_dir={path}"])
+    c = configure(DEFAULTS, [f"--{k}={v}" for k, v in cfg.items()]
+                  + ["--encoder_ckpt=enc.pt", f"--seed={seed}", f"--out_dir={path}"])
     (path / "config.json").write_text(json.dumps(vars(c)))
     (path / "log.jsonl").write_text(json.dumps({"step": 0, "val_loss": 1.0}) + "\n" + json.dumps(
         {"step": 10, "loss": 0.5, "attn0": gate, "ff0": -gate}) + "\n")
-    (path / "eval_test.json").write_text(json.dumps({"results": {"model": {"recall@10": recall, "recall@1": recall / 4},
-                                                                 "most popular": {"recall@10": 0.07}}}))
+    (path / "eval_test.json").write_text(json.dumps(
+        {"results": {"model": {"recall@10": recall, "recall@1": recall / 4},
+                     "most popular": {"recall@10": 0.07}}}))
 
 
 def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
@@ -146,8 +164,10 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
     for seed, r in zip((1, 2), (0.05, 0.07)):
         run_dir(tmp_path / f"none-s{seed}", seed, r, fusion="none")
     run_dir(tmp_path / "enc-s1", 1, 0.25, strategy="full")  # another config: its own row
-    groups = report.main(["--summary=True", f"--runs={tmp_path}/user-s*,{tmp_path}/none-s*,{tmp_path}/enc-s1"])
-    assert {k: len(v) for k, v in groups.items()} == {"User-LLM N=50 (enc)": 3, "no user context (enc)": 2,
+    groups = report.main(["--summary=True",
+                          f"--runs={tmp_path}/user-s*,{tmp_path}/none-s*,{tmp_path}/enc-s1"])
+    assert {k: len(v) for k, v in groups.items()} == {"User-LLM N=50 (enc)": 3,
+                                                      "no user context (enc)": 2,
                                                       "User-LLM N=50 (full)": 1}
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if row.startswith("User-LLM N=50 (enc)"))
@@ -156,7 +176,8 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
     assert "User-LLM N=50 (enc) seed 3: 0.4000  attn0 +0.30 ff0 -0.30" in out
     with pytest.raises(UserError, match="no run matches"):
         report.main(["--summary=True", f"--runs={tmp_path}/nothing*"])
-    (tmp_path / "none-s1" / "eval_test.json").unlink()  # a run still training: counted and named, not averaged
+    # a run still training: counted and named, not averaged
+    (tmp_path / "none-s1" / "eval_test.json").unlink()
     groups = report.main(["--summary=True", f"--runs={tmp_path}/none-s*"])
     assert len(groups["no user context (enc)"]) == 1
     assert "skipped 1 runs without eval_test.json" in capsys.readouterr().out
@@ -166,7 +187,8 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
 
 
 def test_average_ranks_share_ties():
-    assert report.average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]
+    assert (report.average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])).tolist()
+            == [3.0, 0.0, 3.0, 1.0, 3.0])
 
 
 def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
@@ -177,8 +199,8 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     torch.manual_seed(0)
     tok, cfg = get_tokenizer("scratch"), tiny(fusion="none", strategy="full")
     m = build_model(cfg, small, tok).eval()
-    ckpt = {"model": m.state_dict(), "data": small.fingerprint(), "config": vars(cfg), "encoder_config": None,
-            "llm_config": dataclasses.asdict(m.llm.config)}
+    ckpt = {"model": m.state_dict(), "data": small.fingerprint(), "config": vars(cfg),
+            "encoder_config": None, "llm_config": dataclasses.asdict(m.llm.config)}
     save_checkpoint(ckpt, str(tmp_path / "gpt.pt"))
     catalogue = [f"--catalogue={tmp_path / 'gpt.pt'}"]
     fit = report.main(catalogue)
@@ -198,12 +220,16 @@ def test_catalogue_fit_of_a_gpt_without_context(small, tmp_path, monkeypatch):
     assert fit["examples"] == len(small.targets("test"))
     assert fit["rows"]["its one list"] == fit["rows"]["most popular"]
     monkeypatch.setattr(report, "answer_logprobs", lambda *a, **k: -torch.log(counts + 1)[None])
-    fit = report.main(catalogue + ["--split=val"])  # the least watched first: worse than most popular
+    # the least watched first: worse than most popular
+    fit = report.main(catalogue + ["--split=val"])
     assert fit["rows"]["its one list"]["recall@10"] < fit["rows"]["most popular"]["recall@10"]
     user = build_model(tiny(), small, tok)
-    save_checkpoint({**ckpt, "model": user.state_dict(), "config": vars(tiny())}, str(tmp_path / "user.pt"))
-    with pytest.raises(UserError, match="needs an LLM trained without user context.*user.pt is not one"):
+    save_checkpoint({**ckpt, "model": user.state_dict(), "config": vars(tiny())},
+                    str(tmp_path / "user.pt"))
+    with pytest.raises(UserError,
+                       match="needs an LLM trained without user context.*user.pt is not one"):
         report.main([f"--catalogue={tmp_path / 'user.pt'}"])
-    save_checkpoint({"model": {}, "config": {"kind": "ar"}, "encoder_config": {}}, str(tmp_path / "enc.pt"))
+    save_checkpoint({"model": {}, "config": {"kind": "ar"}, "encoder_config": {}},
+                    str(tmp_path / "enc.pt"))
     with pytest.raises(UserError, match="enc.pt is not one"):
         report.main([f"--catalogue={tmp_path / 'enc.pt'}"])

@@ -61,7 +61,8 @@ def test_movielens_csv_reader(tmp_path, capsys):
     assert ("ratings.csv: kept 10, dropped 6 (duplicate: 1, malformed line: 1, missing field: 1, "
             "short user (< 3 events; 1 users): 2, unknown id: 1)") in out
     assert d.features == ["item", "genre", "rating"] and d.n_users == 3 and d.user_ids == [1, 2, 4]
-    assert d.vocab_sizes == (6, 6, 8)  # 5 rated movies, 5 genres used, 7 distinct ratings, + padding
+    # 5 rated movies, 5 genres used, 7 distinct ratings, + padding
+    assert d.vocab_sizes == (6, 6, 8)
     assert d.item_titles[d.item_ids.index(2)] == "American President, The (1995)"
     assert d.item_titles[d.item_ids.index(5)] == "Caf\ufffd, Le (2001)"
     genre = {d.item_ids[i]: d.genre_names[g] for i, g in zip(d.feats[0], d.feats[1])}
@@ -69,20 +70,24 @@ def test_movielens_csv_reader(tmp_path, capsys):
     # genre
     assert genre == {1: "Adventure", 2: "Drama", 3: "Action", 4: "(no genres listed)", 5: "Romance"}
     u1 = slice(d.offsets[0], d.offsets[1])
-    assert [d.item_ids[i] for i in d.feats[0][u1]] == [1, 4, 3, 2]  # by time; the tie at 1001 keeps file order
+    # by time; the tie at 1001 keeps file order
+    assert [d.item_ids[i] for i in d.feats[0][u1]] == [1, 4, 3, 2]
     assert list(d.timestamps[u1]) == [1000, 1001, 1001, 1002]
     assert [d.rating_values[r] for r in d.feats[2][u1]] == [4.0, 2.0, 5.0, 3.5]
     assert d.review(0) == "" and d.history_text(3, 2) == 'Nobody\'s Film (2015), 2; Heat (1995), 5'
 
 
 def test_ml1m_reader_latin1(tmp_path, capsys):
-    write(tmp_path / "raw" / "ratings.dat", b"1::1::5::978300760\n1::2::3::978302109\n1::2::3\n1::1::4::978301968\n")
-    write(tmp_path / "raw" / "movies.dat", "1::Misérables, Les (1995)::Drama|Musical\n2::Babe (1995)::Children's|"
+    write(tmp_path / "raw" / "ratings.dat",
+          b"1::1::5::978300760\n1::2::3::978302109\n1::2::3\n1::1::4::978301968\n")
+    write(tmp_path / "raw" / "movies.dat",
+          "1::Misérables, Les (1995)::Drama|Musical\n2::Babe (1995)::Children's|"
           "Comedy|Drama\n".encode("latin-1"))
     d = prep(tmp_path, "ml1m")
     assert "ratings.dat: kept 3, dropped 1 (malformed line: 1)" in capsys.readouterr().out
     assert d.item_titles[1:] == ["Misérables, Les (1995)", "Babe (1995)"]
-    assert [d.genre_names[g] for g in d.feats[1]] == ["Musical", "Musical", "Children's"]  # by time; rarest genre
+    # by time; rarest genre
+    assert [d.genre_names[g] for g in d.feats[1]] == ["Musical", "Musical", "Children's"]
 
 
 @pytest.mark.parametrize("name,sep", [("ml1m", "::"), ("ml100k", "\t"), ("ml20m", ",")])
@@ -115,7 +120,8 @@ def test_impossible_values_are_dropped_and_counted(tmp_path, capsys, name, sep):
 
 def test_ml100k_reader(tmp_path):
     flags = lambda *on: "|".join("1" if k in on else "0" for k in range(19))
-    write(tmp_path / "raw" / "u.data", b"196\t242\t3\t881250949\n196\t1\t4\t881250950\n196\t242\t5\t881250951\n")
+    write(tmp_path / "raw" / "u.data",
+          b"196\t242\t3\t881250949\n196\t1\t4\t881250950\n196\t242\t5\t881250951\n")
     write(tmp_path / "raw" / "u.item", (
           f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|{flags(3, 4, 5)}\n"
           f"242|Kolya (1996)|24-Jan-1997||http://us.imdb.com/M/title-exact?Kolya|{flags(5)}\n"
@@ -134,9 +140,10 @@ def _jsonl(rows):
 def test_amazon_reader(tmp_path, capsys):
     rev = lambda u, i, y, t, **kw: dict(reviewerID=u, asin=i, overall=y, unixReviewTime=t, **kw)
     write(tmp_path / "raw" / "Movies_and_TV_5.json.gz", _jsonl([
-        rev("A1", "a1", 5.0, 100, reviewText="Great", summary="s"), rev("A1", "a2", 4.0, 200, summary="Nice"),
-        rev("A1", "a3", 3.0, 300, reviewText="ok"), rev("A2", "a1", 1.0, 50, reviewText="bad"),
-        b'{"reviewerID": "A3", ', dict(reviewerID="A3", asin="a1", unixReviewTime=10),
+        rev("A1", "a1", 5.0, 100, reviewText="Great", summary="s"),
+        rev("A1", "a2", 4.0, 200, summary="Nice"), rev("A1", "a3", 3.0, 300, reviewText="ok"),
+        rev("A2", "a1", 1.0, 50, reviewText="bad"), b'{"reviewerID": "A3", ',
+        dict(reviewerID="A3", asin="a1", unixReviewTime=10),
         rev("A2", "a2", 2.0, 60, reviewText="meh"), rev("A2", "a1", 5.0, 70, reviewText=None)]))
     write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz", _jsonl([
         dict(asin="a1", title='<span class="x">Star Wars &amp; More</span>',
@@ -151,19 +158,23 @@ def test_amazon_reader(tmp_path, capsys):
     assert d.features == ["item", "category", "rating"] and d.user_ids == ["A1", "A2"]
     assert d.item_titles == ["<pad>", "Star Wars & More", "Item a2", "Item a3"]
     assert d.genre_names == ["<pad>", "(no category)", "Movies & TV", "Science Fiction"]
-    assert [d.review(t) for t in range(6)] == ["s", "Nice", "ok", "bad", "meh", ""]  # summary, else reviewText
+    # summary, else reviewText
+    assert [d.review(t) for t in range(6)] == ["s", "Nice", "ok", "bad", "meh", ""]
     assert d.history_text(2, 5) == "Star Wars & More, 5; Item a2, 4"
 
 
 def test_google_reader_plain_and_null_fields(tmp_path, capsys):
-    rev = lambda u, g, y, t, text: dict(user_id=u, name="x", time=t, rating=y, text=text, pics=None, resp=None,
-                                        gmap_id=g)
+    rev = lambda u, g, y, t, text: dict(user_id=u, name="x", time=t, rating=y, text=text, pics=None,
+                                        resp=None, gmap_id=g)
     write(tmp_path / "raw" / "review-New_York.json.gz", _jsonl([
-        rev("101", "0x1", 5, 1_600_000_000_000, None), rev("101", "0x2", 4, 1_600_000_100_000, "Good"),
+        rev("101", "0x1", 5, 1_600_000_000_000, None),
+        rev("101", "0x2", 4, 1_600_000_100_000, "Good"),
         json.dumps(rev("101", "0x1", 3, 1_600_000_200_000, "Caf#")).encode().replace(b"#", b"\xe9"),
         rev("102", "0x1", 1, 1_600_000_000_000, "no")]))
-    write(tmp_path / "raw" / "meta-New_York.json", _jsonl([  # shipped gzipped; an un-gzipped copy works too
-        dict(name="Joe's Pizza", gmap_id="0x1", category=["Pizza restaurant", "Italian restaurant"]),
+    # shipped gzipped; an un-gzipped copy works too
+    write(tmp_path / "raw" / "meta-New_York.json", _jsonl([
+        dict(name="Joe's Pizza", gmap_id="0x1",
+             category=["Pizza restaurant", "Italian restaurant"]),
         dict(name="Park", gmap_id="0x2", category=None)]))
     d = prep(tmp_path, "google_ny")
     out = capsys.readouterr().out
@@ -188,8 +199,9 @@ def test_missing_raw_file_names_path_and_url(tmp_path):
     with pytest.raises(UserError) as e:
         prep(tmp_path, "amazon_movies")
     msg = str(e.value)
-    assert str(tmp_path / "raw" / "Movies_and_TV.json.gz") in msg and sources.DATASETS["amazon_movies"][1][
-        "Movies_and_TV.json.gz"] in msg and "\n" not in msg
+    assert (str(tmp_path / "raw" / "Movies_and_TV.json.gz") in msg
+            and sources.DATASETS["amazon_movies"][1]["Movies_and_TV.json.gz"] in msg
+            and "\n" not in msg)
 
 
 def test_download_file_url_and_zip(tmp_path):
@@ -203,17 +215,21 @@ def test_download_file_url_and_zip(tmp_path):
     assert got.read_bytes() == (tmp_path / "ml-1m.zip").read_bytes()
     assert not (tmp_path / "dl" / "copy.zip.part").exists()
     url = (tmp_path / "ml-1m.zip").as_uri()
-    p = sources.raw_file(tmp_path / "raw", "ratings.dat", url, fetch=True)  # downloads and flattens the zip's folder
-    assert p.read_bytes() == (src / "ml-1m" / "ratings.dat").read_bytes() and (tmp_path / "raw" / "movies.dat").exists()
+    # downloads and flattens the zip's folder
+    p = sources.raw_file(tmp_path / "raw", "ratings.dat", url, fetch=True)
+    assert (p.read_bytes() == (src / "ml-1m" / "ratings.dat").read_bytes()
+            and (tmp_path / "raw" / "movies.dat").exists())
     with pytest.raises(UserError,
-                       match=r"could not download nothing\.gz from http://127\.0\.0\.1:9/nothing\.gz .*put it at"):
+                       match=r"could not download nothing\.gz from "
+                             r"http://127\.0\.0\.1:9/nothing\.gz .*put it at"):
         sources.download("http://127.0.0.1:9/nothing.gz", tmp_path / "nothing.gz", timeout=2)
 
 
 def test_read_numeric_chunks_and_slow_path(tmp_path):
     rng = np.random.default_rng(0)
     n = 500
-    u, i, t = rng.integers(1, 10 ** 6, n), rng.integers(1, 200_000, n), rng.integers(0, 2 * 10 ** 9, n)
+    u, i, t = (rng.integers(1, 10 ** 6, n), rng.integers(1, 200_000, n),
+               rng.integers(0, 2 * 10 ** 9, n))
     r = rng.integers(1, 11, n) / 2
     sources.write_ratings_csv(tmp_path / "r.csv", u, i, r, t)
     lines = (tmp_path / "r.csv").read_bytes().split(b"\n")
@@ -222,14 +238,17 @@ def test_read_numeric_chunks_and_slow_path(tmp_path):
     (tmp_path / "r.csv").write_bytes(b"\n".join(lines))
     for chunk in (1 << 20, 97):  # one chunk / many chunks cut mid-line
         rep = sources.Report(tmp_path / "r.csv")
-        (cu, ci, cr, ct), ln = sources.read_numeric(tmp_path / "r.csv", b",", (np.int64, np.int64, np.float32,
-                                                    np.int64), [0, 1, 3], rep, header=True, chunk_bytes=chunk)
+        (cu, ci, cr, ct), ln = sources.read_numeric(tmp_path / "r.csv", b",",
+                                                    (np.int64, np.int64, np.float32, np.int64),
+                                                    [0, 1, 3], rep, header=True, chunk_bytes=chunk)
         keep = np.arange(n) != 299
         assert rep.dropped == {"malformed line": 1} and list(ln[298:300]) == [300, 302]
-        assert (cu == u[keep]).all() and (ci == i[keep]).all() and (cr == r[keep]).all() and (ct == t[keep]).all()
+        assert ((cu == u[keep]).all() and (ci == i[keep]).all() and (cr == r[keep]).all()
+                and (ct == t[keep]).all())
 
 
-AMAZON_META = [dict(asin=a, title=f"Title {a}", category=["Movies & TV", "Drama"]) for a in ("a1", "a2", "a3")]
+AMAZON_META = [dict(asin=a, title=f"Title {a}", category=["Movies & TV", "Drama"])
+               for a in ("a1", "a2", "a3")]
 
 
 def _amazon_rev(u, i, y, t, **kw):
@@ -247,8 +266,10 @@ def _gzip_cut(rows, frac=0.5):
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("which", ["Movies_and_TV_5.json.gz", "meta_Movies_and_TV.json.gz"])
 def test_truncated_gzip_is_one_line_error(tmp_path, strict, which):
-    reviews = [_amazon_rev(f"A{k % 50}", f"a{k % 3 + 1}", 4.0, k, summary=f"summary {k}") for k in range(3000)]
-    meta = AMAZON_META + [dict(asin=f"x{k}", title=f"Other {k}", category=["Movies & TV"]) for k in range(3000)]
+    reviews = [_amazon_rev(f"A{k % 50}", f"a{k % 3 + 1}", 4.0, k, summary=f"summary {k}")
+               for k in range(3000)]
+    meta = AMAZON_META + [dict(asin=f"x{k}", title=f"Other {k}", category=["Movies & TV"])
+                          for k in range(3000)]
     rows = reviews if which.startswith("Movies") else meta
     cut, whole = _gzip_cut(rows)
     write(tmp_path / "raw" / "Movies_and_TV_5.json.gz", _jsonl(reviews))
@@ -257,8 +278,8 @@ def test_truncated_gzip_is_one_line_error(tmp_path, strict, which):
     with pytest.raises(UserError) as e:
         prep(tmp_path, "amazon_movies_5", strict=strict)
     msg = str(e.value)
-    assert msg == (f"{tmp_path / 'raw' / which}: the gzip file ends early (truncated?) after line {whole:,}; "
-                   "re-download it") and 0 < whole < len(rows)
+    assert msg == (f"{tmp_path / 'raw' / which}: the gzip file ends early (truncated?) after line "
+                   f"{whole:,}; re-download it") and 0 < whole < len(rows)
 
 
 def test_corrupt_gzip_is_one_line_error(tmp_path):
@@ -268,8 +289,8 @@ def test_corrupt_gzip_is_one_line_error(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "Movies_and_TV_5.json.gz").write_bytes(bytes(gz))
     write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz", _jsonl(AMAZON_META))
-    with pytest.raises(UserError, match=r"Movies_and_TV_5\.json\.gz: the gzip file is corrupt after line 3 "
-                                         r"\(CRC check failed .*\); re-download it$"):
+    with pytest.raises(UserError, match=r"Movies_and_TV_5\.json\.gz: the gzip file is corrupt "
+                                        r"after line 3 \(CRC check failed .*\); re-download it$"):
         prep(tmp_path, "amazon_movies_5")
 
 
@@ -289,23 +310,29 @@ def test_bad_zip_download_is_one_line_error(tmp_path, damage):
         b[mid:mid + 64] = bytes(64)
     (tmp_path / "ml-1m.zip").write_bytes(bytes(b))
     with pytest.raises(UserError) as e:
-        sources.raw_file(tmp_path / "raw", "ratings.dat", (tmp_path / "ml-1m.zip").as_uri(), fetch=True)
+        sources.raw_file(tmp_path / "raw", "ratings.dat", (tmp_path / "ml-1m.zip").as_uri(),
+                         fetch=True)
     msg = str(e.value)
-    assert msg.startswith(f"{tmp_path / 'raw' / 'ml-1m.zip'}: the zip file is truncated or corrupt (")
+    assert msg.startswith(f"{tmp_path / 'raw' / 'ml-1m.zip'}: the zip file is truncated or "
+                          "corrupt (")
     assert "\n" not in msg
-    assert not (tmp_path / "raw" / "ratings.dat").exists() and not list((tmp_path / "raw").glob("*.part"))
+    assert (not (tmp_path / "raw" / "ratings.dat").exists()
+            and not list((tmp_path / "raw").glob("*.part")))
 
 
 def test_strict_mode_reports_earliest_line_in_file_order(tmp_path):
     write(tmp_path / "raw" / "Movies_and_TV_5.json.gz", _jsonl([
         _amazon_rev("A1", "a1", 5.0, 100), _amazon_rev("A1", "a2", 4.0, 200),
-        _amazon_rev("A1", "a2", 4.0, 200),  # line 3: a duplicate of line 2, found only after reading
-        _amazon_rev("A1", "a3", 3.0, 300), b'{"reviewerID": "A1", ', _amazon_rev("A1", "a1", 2.0, 400)]))
+        # line 3: a duplicate of line 2, found only after reading
+        _amazon_rev("A1", "a2", 4.0, 200),
+        _amazon_rev("A1", "a3", 3.0, 300), b'{"reviewerID": "A1", ',
+        _amazon_rev("A1", "a1", 2.0, 400)]))
     write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz", _jsonl(AMAZON_META))
     with pytest.raises(UserError, match=r"Movies_and_TV_5\.json\.gz:3: duplicate \(strict mode\)$"):
         prep(tmp_path, "amazon_movies_5", strict=True)
     d = prep(tmp_path, "amazon_movies_5")  # not strict: both counted
-    assert d.meta["bad_input"][-1] == "Movies_and_TV_5.json.gz: kept 4, dropped 2 (duplicate: 1, malformed line: 1)"
+    assert d.meta["bad_input"][-1] == ("Movies_and_TV_5.json.gz: kept 4, dropped 2 "
+                                       "(duplicate: 1, malformed line: 1)")
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -313,7 +340,8 @@ def test_blank_json_lines_are_skipped(tmp_path, strict):
     write(tmp_path / "raw" / "Movies_and_TV_5.json.gz", _jsonl([
         _amazon_rev("A1", "a1", 5.0, 100), b"", _amazon_rev("A1", "a2", 4.0, 200), b"   \t",
         b"\r", _amazon_rev("A1", "a3", 3.0, 300), b""]))
-    write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz", _jsonl([AMAZON_META[0], b" ", *AMAZON_META[1:]]))
+    write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz",
+          _jsonl([AMAZON_META[0], b" ", *AMAZON_META[1:]]))
     d = prep(tmp_path, "amazon_movies_5", strict=strict)
     assert d.meta["bad_input"] == ["meta_Movies_and_TV.json.gz: kept 3, dropped 0",
                                    "Movies_and_TV_5.json.gz: kept 3, dropped 0"]
@@ -328,7 +356,8 @@ def test_amazon_review_target_is_summary(tmp_path):
         _amazon_rev("A1", "a1", 2.0, 400, summary=None)]))
     write(tmp_path / "raw" / "meta_Movies_and_TV.json.gz", _jsonl(AMAZON_META))
     d = prep(tmp_path, "amazon_movies_5")
-    assert [d.review(t) for t in range(4)] == ["Four Stars.", "only the long text", "blank summary", ""]
+    assert [d.review(t) for t in range(4)] == ["Four Stars.", "only the long text",
+                                               "blank summary", ""]
 
 
 def test_corrupt_values_are_counted_not_tracebacks(tmp_path):
@@ -338,7 +367,8 @@ def test_corrupt_values_are_counted_not_tracebacks(tmp_path):
         _amazon_rev("A2", "a1", 5.0, 10 ** 30),  # no int64 holds it
         b'{"reviewerID": "A2", "asin": "a1", "overall": NaN, "unixReviewTime": 5}',
         b"[" * 100_000]))  # nested deeper than the JSON parser recurses
-    write(tmp_path / "a" / "raw" / "meta_Movies_and_TV.json.gz", _jsonl([*AMAZON_META, dict(asin="a4", category=5)]))
+    write(tmp_path / "a" / "raw" / "meta_Movies_and_TV.json.gz",
+          _jsonl([*AMAZON_META, dict(asin="a4", category=5)]))
     d = prep(tmp_path / "a", "amazon_movies_5")
     assert d.meta["bad_input"] == ["meta_Movies_and_TV.json.gz: kept 4, dropped 0",
                                    "Movies_and_TV_5.json.gz: kept 3, dropped 4 (malformed line: 4)"]
@@ -350,9 +380,12 @@ def test_corrupt_values_are_counted_not_tracebacks(tmp_path):
 
 
 def test_strict_unknown_review_names_its_line(tmp_path):
-    write(tmp_path / "raw" / "ratings.csv", b"userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,3.0,2\n1,1,2.0,3\n")
-    write(tmp_path / "raw" / "movies.csv", b"movieId,title,genres\n1,A (1990),Drama\n2,B (1991),Comedy\n")
-    write(tmp_path / "raw" / "reviews.csv", b"userId,movieId,timestamp,text\n1,1,1,fine\n9,9,9,of no rating\n")
+    write(tmp_path / "raw" / "ratings.csv",
+          b"userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,3.0,2\n1,1,2.0,3\n")
+    write(tmp_path / "raw" / "movies.csv",
+          b"movieId,title,genres\n1,A (1990),Drama\n2,B (1991),Comedy\n")
+    write(tmp_path / "raw" / "reviews.csv",
+          b"userId,movieId,timestamp,text\n1,1,1,fine\n9,9,9,of no rating\n")
     with pytest.raises(UserError, match=r"reviews\.csv:3: unknown id \(strict mode\)$"):
         prep(tmp_path, "ml20m", strict=True)
     assert prep(tmp_path, "ml20m").review(0) == "fine"
@@ -360,7 +393,8 @@ def test_strict_unknown_review_names_its_line(tmp_path):
 
 def test_synthetic_deterministic(tmp_path):
     kw = dict(n_users=50, n_items=40, n_genres=5, min_len=5, max_len=10, p_seq=0.4, p_drift=0.05)
-    files = lambda p: {f: (p / f).read_bytes() for f in ("ratings.csv", "movies.csv", "reviews.csv")}
+    files = lambda p: {f: (p / f).read_bytes()
+                       for f in ("ratings.csv", "movies.csv", "reviews.csv")}
     sources.generate_synthetic(tmp_path / "a", seed=1, **kw)
     sources.generate_synthetic(tmp_path / "b", seed=1, **kw)
     sources.generate_synthetic(tmp_path / "c", seed=2, **kw)
@@ -392,7 +426,8 @@ def test_oracle_on_prepared_data(syn):
     most_popular = np.isin(target, np.argsort(-pop)[:10]).mean()
     assert oracle > 0.5 > 2 * most_popular
     assert set(fav) <= set(range(1, d.vocab_sizes[1]))
-    assert (d.batch(d.targets("test"), 50)["fav"] == fav).mean() > 0.5  # the latent genre shows in the history
+    # the latent genre shows in the history
+    assert (d.batch(d.targets("test"), 50)["fav"] == fav).mean() > 0.5
 
 
 def test_oracle_recall_on_a_subset(syn):
@@ -403,7 +438,8 @@ def test_oracle_recall_on_a_subset(syn):
     top = -np.sort(-probs[::7], 1)  # (B, V) largest first
     got = sources.oracle_recall(d, "val", ks=(1, 5), targets=sub)
     assert got == {"recall@1": float(top[:, 0].mean()), "recall@5": float(top[:, :5].sum(1).mean())}
-    assert sources.oracle_recall(d, "val", ks=(5,), targets=every) == sources.oracle_recall(d, "val", ks=(5,))
+    assert (sources.oracle_recall(d, "val", ks=(5,), targets=every)
+            == sources.oracle_recall(d, "val", ks=(5,)))
     assert 0 < got["recall@1"] < got["recall@5"] < 1
     with pytest.raises(ValueError, match="targets"):
         sources.oracle_recall(d, "val", targets=d.targets("test")[:3])

@@ -20,9 +20,9 @@ from conftest import ROOT, assert_same_runs, log_rows, losses, run_twice
 
 
 def run_encoder(data_dir, out_dir, *args):
-    train_encoder.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_embd=32",
-                        "--feature_dims=(16, 8, 8)", "--batch_size=16", "--eval_examples=32", "--log_interval=1",
-                        *args])
+    train_encoder.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1",
+                        "--n_embd=32", "--feature_dims=(16, 8, 8)", "--batch_size=16",
+                        "--eval_examples=32", "--log_interval=1", *args])
 
 
 @pytest.mark.parametrize("kind", ["ar", "bert4rec"])
@@ -30,10 +30,12 @@ def test_resume_is_exact(small300, tmp_path, kind):
     """6 steps == 3 steps + kill + resume + 3 steps, bit for bit (dropout on, and Bert4Rec's random
     masks), with the same log: no step twice, no validation lost; a killed save's temporary file is
     removed."""
-    common = ["--dropout=0.2", "--lr_decay_steps=6", "--eval_interval=3", "--warmup_steps=2", f"--kind={kind}"]
+    common = ["--dropout=0.2", "--lr_decay_steps=6", "--eval_interval=3", "--warmup_steps=2",
+              f"--kind={kind}"]
     run_encoder(small300, tmp_path / "a", "--max_steps=6", *common)
     run_encoder(small300, tmp_path / "b", "--max_steps=3", *common)
-    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a run killed after logging step 4, mid-save of a checkpoint
+    # a run killed after logging step 4, mid-save of a checkpoint
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n")
     (tmp_path / "b" / "ckpt.pt.tmp4242").write_bytes(b"half a checkpoint")
     run_encoder(small300, tmp_path / "b", "--max_steps=6", "--init_from=resume", *common)
@@ -57,23 +59,28 @@ def test_validation_does_not_change_training(small300, tmp_path):
 def test_resume_refuses_an_optimizer_state_of_other_parameter_groups(small300, tmp_path):
     """Resuming with the parameters split differently (here the seen bias's own learning rate; in
     train_llm.py another strategy) is a one-line error, not a traceback."""
-    run_encoder(small300, tmp_path / "a", "--max_steps=1", "--seen_bias=True", "--seen_bias_lr_mult=1.0")
-    with pytest.raises(UserError, match="optimizer state does not fit this run's trained parameters"):
-        run_encoder(small300, tmp_path / "a", "--max_steps=2", "--seen_bias=True", "--init_from=resume")
+    run_encoder(small300, tmp_path / "a", "--max_steps=1", "--seen_bias=True",
+                "--seen_bias_lr_mult=1.0")
+    with pytest.raises(UserError,
+                       match="optimizer state does not fit this run's trained parameters"):
+        run_encoder(small300, tmp_path / "a", "--max_steps=2", "--seen_bias=True",
+                    "--init_from=resume")
 
 
 BAD_VALUES = [("init_from", "latest", "one of 'scratch', 'resume'"), ("max_steps", -1, ">= 0"),
               ("batch_size", 0, ">= 1"), ("grad_accum", 0, ">= 1"), ("eval_interval", 0, ">= 1"),
               ("log_interval", 0, ">= 1"), ("seq_len", 0, ">= 1"), ("n_layer", 0, ">= 1"),
-              ("n_layer", -1, ">= 1"), ("dropout", 2.0, r"in \[0, 1\)"), ("device", "foo", "one of 'auto'"),
-              ("dtype", "int8", "one of 'auto'"), ("kind", "gru", "one of 'ar'")]
+              ("n_layer", -1, ">= 1"), ("dropout", 2.0, r"in \[0, 1\)"),
+              ("device", "foo", "one of 'auto'"), ("dtype", "int8", "one of 'auto'"),
+              ("kind", "gru", "one of 'ar'")]
 
 
 @pytest.mark.parametrize("key,value,allowed", BAD_VALUES)
 def test_a_bad_value_is_one_line_and_nothing_is_written(small300, tmp_path, key, value, allowed):
     """Value ranges are checked with the config: one line naming the key, its value and the allowed
     range, before any work or any write."""
-    with pytest.raises(UserError, match=f"^config: {key}={value!r} is not allowed: it must be {allowed}"):
+    with pytest.raises(UserError,
+                       match=f"^config: {key}={value!r} is not allowed: it must be {allowed}"):
         run_encoder(small300, tmp_path / "a", f"--{key}={value}")
     assert not (tmp_path / "a").exists()
 
@@ -87,8 +94,8 @@ def test_nothing_is_written_before_the_config_is_valid(small300, tmp_path, monke
         with pytest.raises(UserError, match="device='cuda', but torch finds no CUDA GPU"):
             run_encoder(small300, tmp_path / "b", "--device=cuda")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 sets it
-    with pytest.raises(UserError, match="grad_accum=3 must divide batch_size=48 and be a multiple of "
-                                        "the world size 2"):
+    with pytest.raises(UserError, match="grad_accum=3 must divide batch_size=48 and be a "
+                                        "multiple of the world size 2"):
         run_encoder(small300, tmp_path / "b", "--grad_accum=3", "--batch_size=48")
     assert not (tmp_path / "b").exists()
 
@@ -96,7 +103,8 @@ def test_nothing_is_written_before_the_config_is_valid(small300, tmp_path, monke
 def test_a_kill_between_the_two_saves_leaves_no_stale_best(small300, tmp_path, monkeypatch):
     """Killed after the first of a validation's two saves (best.pt, ckpt.pt), the resumed run ends
     with a best.pt holding the best validation its log shows."""
-    common = ["--dropout=0.1", "--eval_interval=2", "--max_steps=6", "--lr=3e-3", "--warmup_steps=1"]
+    common = ["--dropout=0.1", "--eval_interval=2", "--max_steps=6", "--lr=3e-3",
+              "--warmup_steps=1"]
     run_encoder(small300, tmp_path / "a", *common)
     val = [r for r in log_rows(tmp_path / "a") if "val_recall@10" in r]
     best_step = max(val, key=lambda r: (r["val_recall@10"], -r["step"]))["step"]
@@ -146,11 +154,13 @@ def test_the_log_survives_kills(small300, tmp_path, monkeypatch):
 def test_a_checkpoint_is_used_only_with_its_own_data(small300, tmp_path, capsys):
     """eval.py (and train_llm.py's encoder_ckpt/llm_ckpt, and resume) refuse data the checkpoint was
     not trained on, and find the data from any working directory (the path is stored absolute)."""
-    other = data.prepare(data.config(n_users=120, n_items=60, n_genres=4, raw_dir=str(tmp_path / "raw"),
+    other = data.prepare(data.config(n_users=120, n_items=60, n_genres=4,
+                                     raw_dir=str(tmp_path / "raw"),
                                      out_dir=str(tmp_path / "other")))
     run_encoder(small300, tmp_path / "enc", "--max_steps=1")
     ckpt = f"--ckpt={tmp_path / 'enc' / 'best.pt'}"
-    with pytest.raises(UserError, match=r"best.pt was trained on .*prep \(300 users.*, not on .*other \(120 users"):
+    with pytest.raises(UserError, match=r"best.pt was trained on .*prep \(300 users.*, "
+                                        r"not on .*other \(120 users"):
         evaluation.main([ckpt, f"--data_dir={other}"])
     with pytest.raises(UserError, match=r"ckpt.pt was trained on .*prep .*, not on .*other"):
         run_encoder(other, tmp_path / "enc", "--max_steps=2", "--init_from=resume")
@@ -160,10 +170,12 @@ def test_a_checkpoint_is_used_only_with_its_own_data(small300, tmp_path, capsys)
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert evaluation.main([ckpt])["ar encoder"]["recall@10"] >= 0  # the stored path, from another directory
+        # the stored path, from another directory
+        assert evaluation.main([ckpt])["ar encoder"]["recall@10"] >= 0
     finally:
         os.chdir(cwd)
-    with pytest.raises(UserError, match=r"--data_dir=.*nowhere holds no prepared dataset.*point --data_dir="):
+    with pytest.raises(UserError,
+                       match=r"--data_dir=.*nowhere holds no prepared dataset.*point --data_dir="):
         evaluation.main([ckpt, f"--data_dir={tmp_path / 'nowhere'}"])
 
 
@@ -177,7 +189,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(small300, tmp_path, monke
         return loss * float("nan") if len(calls) >= 4 else loss
 
     monkeypatch.setattr(encoder.UserEncoder, "forward", exploding)
-    with pytest.raises(UserError, match="loss is nan at step 3: stopping. The last good checkpoint is .*ckpt.pt"):
+    with pytest.raises(UserError, match="loss is nan at step 3: stopping. The last good checkpoint "
+                                        "is .*ckpt.pt"):
         run_encoder(small300, tmp_path, "--max_steps=10", "--eval_interval=2")
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -210,7 +223,8 @@ def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind, steps):
     clearly."""
     train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}",
                         f"--out_dir={tmp_path}",
-                        f"--kind={kind}", f"--max_steps={steps}", f"--eval_interval={steps}", "--eval_examples=500"])
+                        f"--kind={kind}", f"--max_steps={steps}", f"--eval_interval={steps}",
+                        "--eval_examples=500"])
     rows = evaluate(tmp_path, synthetic)
     assert rows[f"{kind} encoder"]["recall@10"] > 1.5 * rows["most popular"]["recall@10"]
 
@@ -221,7 +235,7 @@ def test_two_processes_equal_one(small300, tmp_path, kind):
     """torchrun --nproc_per_node=2 computes what one process computes, dropout and Bert4Rec's masks
     on: the same global batches, the same random draws, the same losses, weights and Adam
     moments."""
-    one, two = run_twice("train_encoder.py", small300, tmp_path, f"--kind={kind}", "--n_layer=1", "--n_embd=32",
-                         "--feature_dims=(16, 8, 8)", "--dropout=0.1",
+    one, two = run_twice("train_encoder.py", small300, tmp_path, f"--kind={kind}", "--n_layer=1",
+                         "--n_embd=32", "--feature_dims=(16, 8, 8)", "--dropout=0.1",
                          "--eval_examples=300")  # validation spans two batches: one for each rank
     assert_same_runs(one, two)

@@ -20,10 +20,11 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
     """log.jsonl carries tanh of every gate (what the progress bar shows), equal to the trained
     model's; the fusion layers train at fusion_lr_mult x lr and the gates at gate_lr_mult x that; a
     Perceiver at perceiver_lr_mult x lr."""
-    args = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2",
-            "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", f"--data_dir={small.path}", "--strategy=full",
-            "--batch_size=8", "--max_steps=3", "--eval_interval=3", "--eval_examples=8", "--log_interval=1",
-            "--warmup_steps=0", "--lr=1e-3", "--min_lr=1e-3", "--fusion_lr_mult=10", "--gate_lr_mult=3",
+    args = ["--n_layer=2", "--n_embd=32", "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1",
+            "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)", "--seq_len=10",
+            f"--data_dir={small.path}", "--strategy=full", "--batch_size=8", "--max_steps=3",
+            "--eval_interval=3", "--eval_examples=8", "--log_interval=1", "--warmup_steps=0",
+            "--lr=1e-3", "--min_lr=1e-3", "--fusion_lr_mult=10", "--gate_lr_mult=3",
             f"--out_dir={tmp_path}"]
     train_llm.main(args)
     with open(tmp_path / "log.jsonl") as f:
@@ -32,8 +33,10 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
     model = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     for i in (0, 1):
         assert abs(rows[0][f"attn{i}"]) > 0  # the first step moves every gate off 0
-        assert rows[-1][f"attn{i}"] == pytest.approx(torch.tanh(model[f"llm.xattn.{i}.gate_attn"]).item())
-        assert rows[-1][f"ff{i}"] == pytest.approx(torch.tanh(model[f"llm.xattn.{i}.gate_ff"]).item())
+        assert (rows[-1][f"attn{i}"]
+                == pytest.approx(torch.tanh(model[f"llm.xattn.{i}.gate_attn"]).item()))
+        assert (rows[-1][f"ff{i}"]
+                == pytest.approx(torch.tanh(model[f"llm.xattn.{i}.gate_ff"]).item()))
     cfg = configure(DEFAULTS, args)
     mult = train_llm.lr_multipliers(cfg)
     opt = common.adamw(build_model(cfg, small, get_tokenizer("scratch")), 1.0, 0.1, lr_mult=mult)
@@ -57,17 +60,21 @@ def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encod
     with the gates started at 0 it was 0.083 against 0.063, gate 0.021)."""
     data = f"--data_dir={synthetic}"
     short = ["--max_steps=300", "--eval_interval=300", "--eval_examples=200"]
-    train_llm.main([os.path.join(ROOT, "configs/synthetic_gpt.py"), data, f"--out_dir={tmp_path / 'gpt'}", *short])
-    train_llm.main([os.path.join(ROOT, "configs/synthetic_llm.py"), data, f"--out_dir={tmp_path / 'user'}",
-                    f"--encoder_ckpt={pretrained_encoder / 'best.pt'}", f"--llm_ckpt={tmp_path / 'gpt' / 'best.pt'}",
-                    *short])
+    train_llm.main([os.path.join(ROOT, "configs/synthetic_gpt.py"), data,
+                    f"--out_dir={tmp_path / 'gpt'}", *short])
+    train_llm.main([os.path.join(ROOT, "configs/synthetic_llm.py"), data,
+                    f"--out_dir={tmp_path / 'user'}",
+                    f"--encoder_ckpt={pretrained_encoder / 'best.pt'}",
+                    f"--llm_ckpt={tmp_path / 'gpt' / 'best.pt'}", *short])
     args = [data, "--max_examples=300", "--beam=0"]
-    user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))  # the model's row
+    # the model's row
+    user = next(iter(evaluation.main([f"--ckpt={tmp_path / 'user' / 'best.pt'}", *args]).values()))
     none = next(iter(evaluation.main([f"--ckpt={tmp_path / 'gpt' / 'best.pt'}", *args]).values()))
     with open(tmp_path / "user" / "log.jsonl") as f:
         gates = [json.loads(line) for line in f if '"loss"' in line][-1]
     opened = max(abs(v) for k, v in gates.items() if k[:-1] in ("attn", "ff"))
-    print(f"User-LLM recall@10 {user['recall@10']:.4f}, no user context {none['recall@10']:.4f}, gate {opened:.3f}")
+    print(f"User-LLM recall@10 {user['recall@10']:.4f}, no user context {none['recall@10']:.4f}, "
+          f"gate {opened:.3f}")
     assert user["recall@10"] >= 2 * none["recall@10"], (user, none)
     assert opened > 0.03, gates
 
@@ -79,7 +86,8 @@ def test_n_processes_equal_one(small300, tmp_path, nproc):
     User-LLM, Full, with dropout and the encoder's pretraining heads in the model (every trained
     parameter must get a gradient under DDP); 8 ranks validate 64 examples, 8 each. 2 ranks: bit
     for bit (a + b is b + a); 8: to float rounding (gloo adds the 8 gradients in its own order)."""
-    one, two = run_twice("train_llm.py", small300, tmp_path, "--n_layer=1", "--n_embd=32", "--n_head=2",
-                         "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2", "--enc_feature_dims=(8, 4, 4)",
-                         "--seq_len=10", "--strategy=full", "--eval_examples=64", "--dropout=0.1", nproc=nproc)
+    one, two = run_twice("train_llm.py", small300, tmp_path, "--n_layer=1", "--n_embd=32",
+                         "--n_head=2", "--enc_n_embd=16", "--enc_n_layer=1", "--enc_n_head=2",
+                         "--enc_feature_dims=(8, 4, 4)", "--seq_len=10", "--strategy=full",
+                         "--eval_examples=64", "--dropout=0.1", nproc=nproc)
     assert_same_runs(one, two, exact=nproc == 2)

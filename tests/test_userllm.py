@@ -26,26 +26,34 @@ def test_each_strategy_trains_exactly_its_parameters(small, fusion):
             m = build_model(tiny(fusion=fusion, strategy=strategy, perceiver=perceiver), small, tok)
             fusion_layers = count(m.llm.xattn) + (count(m.soft_prompt) if m.soft_prompt else 0) + \
                 (count(m.perceiver) if m.perceiver else 0) + (count(m.recency) if m.recency else 0)
-            assert (m.recency is not None) == (fusion == "xattn" and not perceiver)  # the Perceiver has its own
+            # the Perceiver has its own
+            assert (m.recency is not None) == (fusion == "xattn" and not perceiver)
             lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
-            heads = count(m.encoder.proj)  # the encoder's pretraining heads: the LLM's loss never reaches them
+            # the encoder's pretraining heads: the LLM's loss never reaches them
+            heads = count(m.encoder.proj)
             counts[strategy] = trained(m)
-            assert trained(m) == {"full": count(m) - heads, "lora": lora + count(m.encoder) - heads + fusion_layers,
-                                  "enc": count(m.encoder) - heads + fusion_layers, "proj": fusion_layers}[strategy]
+            assert trained(m) == {"full": count(m) - heads,
+                                  "lora": lora + count(m.encoder) - heads + fusion_layers,
+                                  "enc": count(m.encoder) - heads + fusion_layers,
+                                  "proj": fusion_layers}[strategy]
             assert (lora > 0) == (strategy == "lora")
             # DDP's condition: every trained parameter gets a gradient from the loss (a LoRA B
             # starts at 0, so its A's gradient is 0 at first, but it is there)
             targets = small.targets("train")[:4]
-            batch = to_device(Prompter(small, tok, "next_item", 0, 64, 16)(small.batch(targets, 10), targets), "cpu")
+            batch = to_device(Prompter(small, tok, "next_item", 0, 64, 16)(small.batch(targets, 10),
+                                                                           targets), "cpu")
             m.train()(batch).backward()
             assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
-        assert counts["full"] > counts["enc"] > counts["proj"] > 0 and counts["lora"] > counts["enc"]
+        assert (counts["full"] > counts["enc"] > counts["proj"] > 0
+                and counts["lora"] > counts["enc"])
 
 
 def test_textprompt_has_no_user_layers_and_refuses_enc(small):
     tok = get_tokenizer("scratch")
-    m = build_model(tiny(fusion="none", strategy="full", text_events=5, encoder_ckpt="missing.pt"), small, tok)
-    assert len(m.llm.xattn) == 0 and m.soft_prompt is None and m.perceiver is None and m.encoder is None
+    m = build_model(tiny(fusion="none", strategy="full", text_events=5, encoder_ckpt="missing.pt"),
+                    small, tok)
+    assert (len(m.llm.xattn) == 0
+            and m.soft_prompt is None and m.perceiver is None and m.encoder is None)
     assert trained(m) == count(m) == count(m.llm)
     with pytest.raises(UserError, match="fusion='none'"):
         build_model(tiny(fusion="none", strategy="enc"), small, tok)
@@ -56,16 +64,19 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
     """llm_ckpt: the GPT of a run without user context becomes the 'pretrained LLM' of a User-LLM
     run. With its gates at 0 (and LoRA's B at 0) the new model computes exactly what that GPT does;
     a checkpoint of another GPT is an error."""
-    torch.manual_seed(0)  # a fixed initialisation: the negative control below must not depend on luck
+    # a fixed initialisation: the negative control below must not depend on luck
+    torch.manual_seed(0)
     tok, targets, data = get_tokenizer("scratch"), small.targets("test")[:8], small.fingerprint()
     plain = build_model(tiny(fusion="none", strategy="full"), small, tok)
     save_llm(tmp_path / "plain.pt", plain.state_dict(), data)
     user = build_model(tiny(strategy=strategy), small, tok)
     userllm.load_llm(user, str(tmp_path / "plain.pt"), small)
-    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets), "cpu")
+    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10),
+                                                                    targets), "cpu")
     with torch.no_grad():
         assert torch.allclose(user(batch), plain(batch), atol=1e-6)
-        for gate in user.llm.xattn.values():  # the user now matters, and the GPT weights are the plain run's
+        # the user now matters, and the GPT weights are the plain run's
+        for gate in user.llm.xattn.values():
             gate.gate_attn.fill_(1.0)
             gate.gate_ff.fill_(1.0)
         logits = lambda m: m.llm(batch["idx"], **m.context(batch["hist"]))[0]
@@ -86,7 +97,8 @@ def test_user_llm_starts_from_a_trained_gpt(small, strategy, tmp_path):
             userllm.load_llm(user, str(tmp_path / "lora.pt"), small)
     other_data = {**data, "vocab_sizes": [500, 9, 11], "sha256": "0" * 16, "path": "/elsewhere"}
     save_llm(tmp_path / "foreign.pt", plain.state_dict(), other_data)
-    with pytest.raises(UserError, match="foreign.pt was trained on /elsewhere .*500/9/11.*, not on .*prep"):
+    with pytest.raises(UserError,
+                       match="foreign.pt was trained on /elsewhere .*500/9/11.*, not on .*prep"):
         userllm.load_llm(user, str(tmp_path / "foreign.pt"), small)
 
 
@@ -94,16 +106,18 @@ def test_dual_encoder_cross_attention(small):
     """DualEnc-Xatten (Table 5): the LLM cross-attends to the Dual Encoder's K user embeddings
     instead of N events."""
     tok = get_tokenizer("scratch")
-    enc = dict(vocab_sizes=small.vocab_sizes, feature_dims=(8, 4, 4), n_embd=16, n_layer=1, n_head=2, block_size=11,
-               kind="dual", n_user_embs=3)
+    enc = dict(vocab_sizes=small.vocab_sizes, feature_dims=(8, 4, 4), n_embd=16, n_layer=1,
+               n_head=2, block_size=11, kind="dual", n_user_embs=3)
     m = build_model(tiny(strategy="enc"), small, tok, enc_cfg=enc)
     targets = small.targets("val")[:4]
-    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10), targets), "cpu")
+    batch = to_device(Prompter(small, tok, "next_item", 0, 512, 64)(small.batch(targets, 10),
+                                                                    targets), "cpu")
     assert m.context(batch["hist"])["user"].shape == (4, 3, 16)
     loss = m(batch)
     loss.backward()
     assert torch.isfinite(loss) and m.encoder.fusion[0].weight.grad is not None
-    assert all(p.grad is not None for t in m.encoder.towers for p in t.parameters() if p.requires_grad)
+    assert all(p.grad is not None for t in m.encoder.towers for p in t.parameters()
+               if p.requires_grad)
 
 
 @pytest.mark.parametrize("module", ["recency", "perceiver"])
@@ -116,7 +130,8 @@ def test_event_lookups_repeat_bit_for_bit_on_two_threads(module):
     from model import Recency
     from perceiver import PerceiverResampler
     torch.set_num_threads(2)
-    m = Recency(50, 64) if module == "recency" else PerceiverResampler(64, n_latents=16, max_events=50)
+    m = (Recency(50, 64) if module == "recency"
+         else PerceiverResampler(64, n_latents=16, max_events=50))
     x = torch.randn(64, 50, 64)
     mask = torch.arange(50)[None] >= torch.randint(0, 40, (64, 1))  # left padding, as the data has
     out = m(x, mask)
@@ -137,8 +152,8 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line(small, tmp_path):
     """An LLM's checkpoint given as encoder_ckpt, an encoder's as llm_ckpt: named in one line."""
     tok = get_tokenizer("scratch")
     save_llm(tmp_path / "llm.pt", build_model(tiny(), small, tok).state_dict(), small.fingerprint())
-    with pytest.raises(UserError, match="encoder_ckpt=.*llm.pt is a train_llm.py checkpoint, not an "
-                                        "encoder's"):
+    with pytest.raises(UserError, match="encoder_ckpt=.*llm.pt is a train_llm.py checkpoint, "
+                                        "not an encoder's"):
         build_model(tiny(encoder_ckpt=str(tmp_path / "llm.pt")), small, tok)
     save_checkpoint({"model": {}, "config": {}, "encoder_config": {}}, str(tmp_path / "enc.pt"))
     with pytest.raises(UserError, match="llm_ckpt=.*enc.pt is a train_encoder.py checkpoint"):
