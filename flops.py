@@ -7,7 +7,7 @@ as text.
     python flops.py --llm=gpt2 --random_weights=True --batch_size=2 --steps=2    # at GPT-2's shape
     python data.py --dataset=ml20m-shape && python flops.py --scale=True   # ML-20M configs: cost
 
-Three tables, printed and written as JSON to --out (default out/flops.json):
+Four tables, printed and written as JSON to --out (default out/flops.json):
 1. tokens (Table 3): LLM input tokens per example, TextPrompt TP-N (the last N events as text, then
    the query) for N = 50/100/200 against User-LLM (the query only), on a seeded sample of test
    examples, with GPT-2's tokenizer (tiktoken r50k_base; skipped with a note when it cannot be
@@ -19,6 +19,9 @@ Three tables, printed and written as JSON to --out (default out/flops.json):
    real training batch, for TextPrompt TP50 and User-LLM (cross-attention or soft prompt, each with
    and without the Perceiver 50 -> 16), on the same GPT, the user encoder and Perceiver that 6ND
    leaves out included.
+4. the parameters each strategy trains (Table 5: Full, LoRA, Enc, Proj), at the demo's shape and at
+   GPT-2 small with MovieLens-20M's encoder, cross-attention before every block or every 4th,
+   at the LLM's widths or narrow.
 
 FLOPs are counted by torch.utils.flop_counter (matmuls and attention; not elementwise ops, softmax
 or LayerNorm; attention over the full T x T square, as for the causal kernels on GPU).
