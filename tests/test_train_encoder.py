@@ -221,7 +221,8 @@ def test_ar_encoder_approaches_the_oracle(synthetic, pretrained_encoder):
 def test_baseline_encoders_beat_most_popular(synthetic, tmp_path, kind, margin):
     """The paper's baseline encoders (Table 2) learn too: 400 steps, and validation loss falls while
     test Recall@10 passes most-popular's, Bert4Rec's by half again. The Dual Encoder gets one target
-    per user per step (AR and Bert4Rec one per event): 400 steps take it to about 1.2x."""
+    per user per step (AR one per event, Bert4Rec one per masked event): 400 steps take it to about
+    1.2x."""
     train_encoder.main([os.path.join(ROOT, "configs/synthetic_enc.py"), f"--data_dir={synthetic}",
                         f"--out_dir={tmp_path}", f"--kind={kind}", "--max_steps=400",
                         "--eval_interval=400", "--eval_examples=500"])
