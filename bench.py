@@ -419,13 +419,12 @@ def bench_ranking(cfg):
     def count_tokens(module, args):
         fed[0] += args[0].numel()
     model.llm.transformer.wte.register_forward_pre_hook(count_tokens)
-    rows, flops_token = [], None
+    rows, flops_token, prompts = [], None, prompter.prompts(targets)
     for name, rank in (("every title (--fast=False)", lambda idx, c: answer_logprobs(
                             model.llm, idx, c, answers, chunks)),
                        ("exact top 10 (--fast=True)", lambda idx, c: top_answers(
                             model.llm, idx, c, answers, k=10))):
         cpu, tokens = 0.0, 0
-        prompts = prompter.prompts(targets)
         for group in by_prompt_length(prompts, 32):
             batch = to_device(d.batch(targets[group], tcfg.seq_len), "cpu")
             idx = torch.tensor([prompts[i] for i in group])

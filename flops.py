@@ -22,6 +22,8 @@ Four tables, printed and written as JSON to --out (default out/flops.json):
 4. the parameters each strategy trains (Table 5: Full, LoRA, Enc, Proj), at the demo's shape and at
    GPT-2 small with MovieLens-20M's encoder, cross-attention before every block or every 4th,
    at the LLM's widths or narrow.
+With --scale=True, instead, table 5: each ML-20M config at its own shape (parameters, FLOPs,
+memory per GPU, hours on 8 GPUs).
 
 FLOPs are counted by torch.utils.flop_counter (matmuls and attention; not elementwise ops, softmax
 or LayerNorm; attention over the full T x T square, as for the causal kernels on GPU).

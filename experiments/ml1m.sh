@@ -10,14 +10,4 @@
 # The table: python report.py --summary=True --runs='out/ml1m-s*/*'
 set -e
 source "$(dirname "$0")/run.sh"
-EVAL_EXAMPLES=0  # every test user
-[ -d data/ml1m ] || { echo "data/ml1m is missing: prepare MovieLens-1M first (see above)"; exit 1; }
-for seed in "$@"; do
-    o=out/ml1m-s$seed
-    run $o/enc train_encoder.py configs/ml1m.py --seed=$seed --seen_bias=False
-    run $o/gpt train_llm.py configs/ml1m_gpt.py --seed=$seed
-    pair="--encoder_ckpt=$o/enc/best.pt --llm_ckpt=$o/gpt/best.pt"
-    run $o/userllm train_llm.py configs/ml1m_llm.py --seed=$seed $pair
-    run $o/enc-strategy train_llm.py configs/ml1m_llm.py --seed=$seed $pair --strategy=enc
-done
-python report.py --summary=True --runs='out/ml1m-s*/*'
+real_pipeline ml1m "$@"

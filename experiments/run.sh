@@ -11,3 +11,21 @@ run() {
     [ "$n" = 0 ] || results=$out/eval_test_$n.json
     [ -f $results ] || python eval.py --ckpt=$out/best.pt --max_examples=$n
 }
+# The real-data pipeline, for each seed: the encoder without the seen bias (a term of the encoder's own
+# item ranking, which the LLM does not read: docs/deviations.md), the stand-in LLM (its row is the GPT
+# without user context), User-LLM Full and, LLM frozen, Enc; every run on every test user, then the table.
+#     real_pipeline DATASET SEED...     (configs/DATASET.py, DATASET_gpt.py, DATASET_llm.py)
+real_pipeline() {
+    local name=$1; shift
+    [ -d data/$name ] || { echo "data/$name is missing: prepare it first (see the script's header)"; exit 1; }
+    EVAL_EXAMPLES=0
+    for seed in "$@"; do
+        local o=out/$name-s$seed
+        run $o/enc train_encoder.py configs/$name.py --seed=$seed --seen_bias=False
+        run $o/gpt train_llm.py configs/${name}_gpt.py --seed=$seed
+        local pair="--encoder_ckpt=$o/enc/best.pt --llm_ckpt=$o/gpt/best.pt"
+        run $o/userllm train_llm.py configs/${name}_llm.py --seed=$seed $pair
+        run $o/enc-strategy train_llm.py configs/${name}_llm.py --seed=$seed $pair --strategy=enc
+    done
+    python report.py --summary=True --runs="out/$name-s*/*"
+}
