@@ -293,7 +293,7 @@ def strategy_table(cfg, d):
 
 SCALE_CONFIGS = ("ml20m.py", "ml20m_enc.py", "ml20m_full.py", "ml20m_lora.py", "ml20m_proj.py",
                  "ml20m_perceiver.py", "ml20m_softprompt.py", "ml20m_tp50.py",
-                 "ml20m_ar50tp10.py", "ml20m_fav.py")
+                 "ml20m_tp100.py", "ml20m_tp200.py", "ml20m_ar50tp10.py", "ml20m_fav.py")
 
 
 def activation_bytes(loss_fn, params):
@@ -313,10 +313,12 @@ def activation_bytes(loss_fn, params):
 
 def scale_row(path, d, examples=4, gpus=8, peak=989e12, mfu=0.3):
     """One config at its own shape (GPT-2 with random weights; the encoder of configs/ml20m.py),
-    measured on `examples` real training examples: parameters, FLOPs and activations per example;
-    then per step, per GPU (fp32 weights, gradients and AdamW's two moments for what trains,
-    activations at the per-GPU micro-batch batch_size / grad_accum) and hours on `gpus` GPUs of
-    `peak` FLOP/s at `mfu` utilisation."""
+    measured on `examples` real training examples with full-length histories (at least N events,
+    or TP-N's N: Fig. 3 trains each length on histories that long; short ones would make TP200 cost
+    what TP50 does): parameters, FLOPs and activations per example; then per step, per GPU (fp32
+    weights, gradients and AdamW's two moments for what trains, activations at the per-GPU
+    micro-batch batch_size / grad_accum) and hours on `gpus` GPUs of `peak` FLOP/s at `mfu`
+    utilisation."""
     enc = configure(encoder.DEFAULTS, [os.path.join(HERE, "configs", "ml20m.py")])
     is_llm = "task" in run_config_file(path)
     if is_llm:
@@ -333,8 +335,10 @@ def scale_row(path, d, examples=4, gpus=8, peak=989e12, mfu=0.3):
         c = configure(encoder.DEFAULTS, [path])
         model = encoder.make_encoder(encoder.encoder_config(c, d.vocab_sizes))
         make = lambda ids: d.batch(ids, c.seq_len)
-    ids = batch_targets(d.targets("train"), 0, examples, 0)
-    batch = to_device(make(ids), "cpu")
+    train = d.targets("train")
+    history = train - d.offsets[d.user_of(train)]  # events before each target
+    train = train[history >= max(c.seq_len, getattr(c, "text_events", 0))]
+    batch = to_device(make(batch_targets(train, 0, examples, 0)), "cpu")
     params = list(model.parameters())
     with FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flops()) as count:
         loss, act = activation_bytes(lambda: model(batch), params)

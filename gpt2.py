@@ -15,29 +15,42 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from config import UserError
 from model import GPT, GPTConfig
 from sources import download
 
 
-def random_gpt2(name, **overrides):
+def random_gpt2(name, positions=0, **overrides):
     """A GPT of GPT-2's shape (gpt2 ... gpt2-xl) with random weights: nothing is downloaded. For
     rehearsing paper-scale runs and counting their cost; asked for explicitly (train_llm.py:
-    random_weights=True), never a silent stand-in for the real weights."""
+    random_weights=True), never a silent stand-in for the real weights. positions: as load_gpt2."""
     if name not in GPT2_SHAPES:
         raise UserError(f"config: random_weights needs llm in {', '.join(GPT2_NAMES)}, "
                         f"got {name!r}")
     n_layer, n_head, n_embd = GPT2_SHAPES[name]
-    return GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head,
-                         n_embd=n_embd, **overrides))
+    return GPT(GPTConfig(block_size=max(1024, positions), vocab_size=50257, n_layer=n_layer,
+                         n_head=n_head, n_embd=n_embd, **overrides))
 
 
-def load_gpt2(name_or_path, **overrides):
+def stretch_positions(wpe, n):
+    """Position interpolation (ours; the paper's Sec 2.3 cites it, Chen et al. 2023a): a learned
+    position table (P, C) resampled linearly to (n, C), row i of n reading what position
+    i * (P - 1) / (n - 1) read. GPT-2's 1,024 positions hold TextPrompt's TP50 but not TP100 or
+    TP200 (up to 1,210 and 2,359 tokens on MovieLens-20M-shaped users); stretched, every prompt
+    keeps positions the model has seen the like of, and fine-tuning adapts it (a new, randomly
+    initialised tail would have to be learnt from nothing)."""
+    return F.interpolate(wpe.t()[None].float(), size=n, mode="linear",
+                         align_corners=True)[0].t().to(wpe.dtype)
+
+
+def load_gpt2(name_or_path, positions=0, **overrides):
     """A GPT with the weights of gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once:
     hub_folder) or of a local Hugging Face folder (config.json + model.safetensors or
     pytorch_model.bin). `overrides` set the options that add new, freshly initialised modules
-    (cross-attention, LoRA) or dropout; the architecture itself comes from config.json."""
+    (cross-attention, LoRA) or dropout; the architecture itself comes from config.json. positions
+    above the checkpoint's stretch its position table to that many (stretch_positions)."""
     bad = sorted(set(overrides) - set(NEW_MODULE_OPTIONS))
     if bad:
         raise ValueError(f"load_gpt2: cannot override {bad}; allowed: {NEW_MODULE_OPTIONS}")
@@ -53,7 +66,7 @@ def load_gpt2(name_or_path, **overrides):
             or hf.get("activation_function", "gelu_new") != "gelu_new"):
         raise UserError(f"{folder}/config.json: not a plain GPT-2 (n_inner, activation_function or "
                         "layer_norm_epsilon differ)")
-    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+    config = GPTConfig(block_size=max(hf["n_positions"], positions), vocab_size=hf["vocab_size"],
                        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
                        **overrides)
     model = GPT(config)
@@ -65,6 +78,9 @@ def load_gpt2(name_or_path, **overrides):
             continue  # HF's causal-mask buffers; the tied head
         k = k if k.startswith("transformer.") else "transformer." + k  # GPT2Model: no prefix
         theirs[k] = v.t() if k.endswith(CONV1D_WEIGHTS) else v  # HF's Conv1D stores (in, out)
+    if positions > hf["n_positions"]:
+        theirs["transformer.wpe.weight"] = stretch_positions(theirs["transformer.wpe.weight"],
+                                                             positions)
     if set(ours) != set(theirs):
         raise UserError(f"{folder}: not a GPT-2 checkpoint: missing "
                         f"{sorted(set(ours) - set(theirs))[:4]}, unexpected "

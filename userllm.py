@@ -49,6 +49,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # (rehearsals and cost counts; never a silent stand-in for the real weights)
     llm="scratch", llm_ckpt="", random_weights=False, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
     max_text_tokens=512,  # the longest prompt + answer in tokens (the soft prompt's come on top)
+    llm_positions=0,  # > 1,024: GPT-2's position table stretched to this many (TP100/200; ours)
     # cross-attention blocks: before every k-th LLM block; attention and FFW widths (0: C and 4C)
     xattn_every=1, xattn_dim=0, xattn_ffw=0,
     lora_rank=8, lora_alpha=16.0, lora_mlp=False, n_task_tokens=4,
@@ -67,8 +68,8 @@ RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
     last_events=at_least(0),
     enc_feature_dims=at_least(1), enc_n_embd=at_least(1), enc_n_layer=at_least(1),
     enc_n_head=at_least(1), n_layer=at_least(1), n_head=at_least(1), n_embd=at_least(1),
-    dropout=fraction(), max_text_tokens=at_least(1), xattn_every=at_least(1), xattn_dim=at_least(0),
-    xattn_ffw=at_least(0),
+    dropout=fraction(), max_text_tokens=at_least(1), llm_positions=at_least(0),
+    xattn_every=at_least(1), xattn_dim=at_least(0), xattn_ffw=at_least(0),
     lora_rank=at_least(1), lora_alpha=at_least(0.0), n_task_tokens=at_least(0),
     fusion_lr_mult=at_least(0.0), gate_lr_mult=at_least(0.0), perceiver_lr_mult=at_least(0.0),
     max_answer_tokens=at_least(1), pack_examples=at_least(0), mixed_history=at_least(0),
@@ -172,16 +173,23 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
                   lora_rank=cfg.lora_rank if cfg.strategy == "lora" else 0,
                   lora_alpha=cfg.lora_alpha, lora_mlp=cfg.lora_mlp, dropout=cfg.dropout,
                   gate_init=cfg.gate_init)
+    if cfg.llm_positions and cfg.llm == "scratch":
+        raise UserError(f"config: llm_positions={cfg.llm_positions} stretches GPT-2's positions; "
+                        "the scratch GPT has max_text_tokens + soft prompt positions already")
     if llm_cfg is not None:
         llm = GPT(GPTConfig(**llm_cfg))
     elif cfg.random_weights:  # GPT-2's shape, random weights (llm='scratch' is refused there)
-        llm = random_gpt2(cfg.llm, **fusion)
+        llm = random_gpt2(cfg.llm, cfg.llm_positions, **fusion)
     elif cfg.llm == "scratch":  # positions for the soft prompt (task tokens, events), then the text
         positions = cfg.max_text_tokens + cfg.n_task_tokens + cfg.seq_len
         llm = GPT(GPTConfig(block_size=positions, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, n_embd=cfg.n_embd, **fusion))
     else:
-        llm = load_gpt2(cfg.llm, **fusion)
+        llm = load_gpt2(cfg.llm, cfg.llm_positions, **fusion)
+    if cfg.max_text_tokens > llm.config.block_size:
+        raise UserError(f"config: max_text_tokens={cfg.max_text_tokens} exceeds the LLM's "
+                        f"{llm.config.block_size} positions: lower it (and text_events), or "
+                        f"llm_positions={cfg.max_text_tokens} stretches GPT-2's")
     if cfg.last_events and (cfg.perceiver or cfg.fusion == "none"):
         raise UserError(f"config: last_events={cfg.last_events} truncates what the LLM reads of "
                         "the encoder: not with a Perceiver nor with fusion='none'")

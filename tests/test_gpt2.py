@@ -100,3 +100,41 @@ def test_random_weights_is_gpt2s_shape_and_only_when_asked(small, monkeypatch, t
         build_model(tiny_llm(llm="gpt2"), small, None)
     with pytest.raises(UserError, match="random_weights needs llm in gpt2"):
         build_model(tiny_llm(random_weights=True), small, None)
+
+
+def test_stretched_positions_interpolate_gpt2s_table(tmp_path, small):
+    """llm_positions above the checkpoint's stretch its learned position table linearly (position
+    interpolation): the ends stay, position i of n reads position i * (P - 1) / (n - 1) of P, the
+    rest of the model is untouched, and a prompt longer than P now runs. A config whose text
+    outgrows the LLM's positions is one line naming the option; the scratch GPT refuses it."""
+    transformers = pytest.importorskip("transformers")
+    from config import UserError
+    from conftest import tiny_llm
+    from gpt2 import stretch_positions
+    from userllm import build_model
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16,
+                                                              vocab_size=50, n_positions=16))
+    hf.save_pretrained(tmp_path)
+    plain, long = load_gpt2(str(tmp_path)), load_gpt2(str(tmp_path), positions=46)
+    w, s = plain.transformer.wpe.weight.detach(), long.transformer.wpe.weight.detach()
+    assert s.shape == (46, 16) and long.config.block_size == 46
+    torch.testing.assert_close(s[[0, 3, 45]], w[[0, 1, 15]])  # 3 * 15 / 45 = 1: on the grid
+    torch.testing.assert_close(s[1], w[0] * 2 / 3 + w[1] / 3)  # between: the weighted neighbours
+    torch.testing.assert_close(stretch_positions(w, 16), w)
+    assert all(torch.equal(v, long.state_dict()[k]) for k, v in plain.state_dict().items()
+               if k != "transformer.wpe.weight")
+    idx = torch.randint(0, 50, (1, 40))
+    assert long(idx)[0].shape == (1, 40, 50)
+    with pytest.raises(ValueError, match="exceeds block_size=16"):
+        plain(idx)
+    with torch.device("meta"):
+        with pytest.raises(UserError, match=r"max_text_tokens=2000 exceeds the LLM's 1024 "
+                                            r"positions: .* llm_positions=2000"):
+            build_model(tiny_llm(llm="gpt2", random_weights=True, max_text_tokens=2000), small,
+                        None)
+        m = build_model(tiny_llm(llm="gpt2", random_weights=True, max_text_tokens=2000,
+                                 llm_positions=2000), small, None)
+        assert m.llm.config.block_size == 2000
+    with pytest.raises(UserError, match="llm_positions=2000 stretches GPT-2's"):
+        build_model(tiny_llm(llm_positions=2000), small, None)

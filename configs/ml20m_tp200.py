@@ -1,0 +1,8 @@
+# MovieLens-20M next item: TextPrompt TP200 (Fig. 3), GPT-2 Full. Its prompt + answer reach 2,403
+# tokens on sampled ML-20M-shaped users: GPT-2's 1,024 positions are stretched to hold it
+# (llm_positions: gpt2.stretch_positions, ours).
+exec(open("configs/ml20m_tp50.py").read())
+out_dir = "out/ml20m-tp200-llm"
+text_events = 200
+max_text_tokens = 2560
+llm_positions = 2560
