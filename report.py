@@ -57,29 +57,60 @@ def read_run(run, split="test", examples=0):
 
 
 def run_name(c, seed=True):
-    """A run's name in tables and legends: userllm.describe for a train_llm.py run, the encoder's
-    kind (+ seen bias) for a train_encoder.py one; seed=False leaves the seed out."""
-    if not seed:
-        c = types.SimpleNamespace(**{**vars(c), "seed": TRAIN_DEFAULTS["seed"]})
-    if hasattr(c, "fusion"):
-        return describe(types.SimpleNamespace(**{**DEFAULTS_LLM, **vars(c)}))  # keys added since
-    name = f"{c.kind} encoder" + (" + seen bias" if c.seen_bias else "")
-    return name + (f" seed {c.seed}" if c.seed != TRAIN_DEFAULTS["seed"] else "")
+    """A run's name in tables and legends: userllm.describe for a train_llm.py run (with its
+    encoder's kind when not AR, read from the encoder run's config.json), the encoder's kind (+ seen
+    bias) for a train_encoder.py one; seed=False leaves the seed out."""
+    if hasattr(c, "fusion"):  # DEFAULTS_LLM: keys added since the run
+        name = describe(types.SimpleNamespace(**{**DEFAULTS_LLM, **vars(c),
+                                                 "seed": TRAIN_DEFAULTS["seed"]}))
+        enc = os.path.join(os.path.dirname(c.encoder_ckpt or "."), "config.json")
+        kind = "ar"
+        if c.encoder_ckpt and os.path.isfile(enc):
+            with open(enc) as f:
+                kind = json.load(f).get("kind", "ar")
+        name += f" with the {kind} encoder" if kind != "ar" else ""
+    else:
+        name = f"{c.kind} encoder" + (" + seen bias" if c.seen_bias else "")
+    return name + (f" seed {c.seed}" if seed and c.seed != TRAIN_DEFAULTS["seed"] else "")
+
+
+def signature(c):
+    """A run's config without what differs between the seeds of one row (seed, paths)."""
+    return json.dumps({k: v for k, v in sorted(vars(c).items())
+                       if k not in ("seed", "out_dir", "encoder_ckpt", "llm_ckpt", "init_from")})
+
+
+def row_names(configs):
+    """Each config's row name: run_name without the seed, and where configs that differ in more
+    than their seed share a name (e.g. --xattn_dim=32), the keys they differ in."""
+    keys = [(run_name(c, seed=False), signature(c)) for c in configs]
+    by_name = {}
+    for name, sig in keys:
+        by_name.setdefault(name, {})[sig] = json.loads(sig)
+    names = []
+    for name, sig in keys:
+        rows = by_name[name]
+        mine = rows[sig]
+        diff = [k for k in mine if any(o.get(k) != mine[k] for o in rows.values())]
+        names.append(name + (f" [{' '.join(f'{k}={mine[k]}' for k in diff)}]" if diff else ""))
+    return names
 
 
 def summarize(runs, split="test", examples=0):
     """Results over seeds: runs whose configs differ only in seed and out_dir make one row, each
     metric as mean ± sd (sample sd) over them; then, per seed, Recall@10 and tanh of the gates at
     the end of training."""
-    groups, pending = {}, []
+    read, pending = [], []
     for run in runs:
         c, row, log = read_run(run, split, examples)
         if row is None:
             pending.append(run)  # still training, or not evaluated yet
             continue
         last = next((r for r in reversed(log) if "loss" in r), {})
-        gates = {k: v for k, v in last.items() if k[:-1] in ("attn", "ff")}
-        groups.setdefault(run_name(c, seed=False), []).append((c.seed, row, gates))
+        read.append((c, row, {k: v for k, v in last.items() if k[:-1] in ("attn", "ff")}))
+    groups = {}
+    for name, (c, row, gates) in zip(row_names([c for c, _, _ in read]), read):
+        groups.setdefault(name, []).append((c.seed, row, gates))
     if pending:
         print(f"skipped {len(pending)} runs without {eval_file(split, examples)} (eval.py "
               "--ckpt=<run>/best.pt): " + ", ".join(pending))

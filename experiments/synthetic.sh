@@ -21,12 +21,24 @@ for seed in "$@"; do
     llm $seed userllm
 done
 # Three rows run the recipe's earlier 600 steps, not its 1,200 (README says so).
+# The paper's other comparisons (docs/results.md): Table 5's strategies, wide and narrow; Table 6's Perceiver
+# against the latest 16 events; late fusion, as an encoder and inside User-LLM; on seed 1, our additions each off.
 variants=("enc-strategy --strategy=enc" "perceiver --perceiver=True" "softprompt --fusion=soft_prompt"
           "random-encoder --encoder_ckpt= --max_steps=600" "fav --task=fav --max_steps=600"
-          "fav-none --task=fav --fusion=none --max_steps=600")
+          "fav-none --task=fav --fusion=none --max_steps=600" "lora --strategy=lora" "proj --strategy=proj"
+          "enc-narrow --strategy=enc --xattn_dim=32 --xattn_ffw=128"
+          "proj-narrow --strategy=proj --xattn_dim=32 --xattn_ffw=128" "last16 --last_events=16")
 for v in "${variants[@]}"; do
     for seed in "$@"; do
         [ "$seed" -gt 3 ] || llm $seed $v
+    done
+done
+for seed in "$@"; do
+    [ "$seed" -gt 3 ] && continue
+    run out/syn-s$seed/dual-enc train_encoder.py configs/synthetic_enc.py --kind=dual --seed=$seed
+    llm $seed userllm-dual --encoder_ckpt=out/syn-s$seed/dual-enc/best.pt
+    [ "$seed" != 1 ] || for v in "gate0 --gate_init=0" "norecency --recency=False" "lr1x --fusion_lr_mult=1"; do
+        llm 1 $v
     done
 done
 # TextPrompt (the history written as text) from a stand-in that has read histories: pretrained with 0-10 of each

@@ -186,6 +186,26 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
         report.main(["--summary=True", f"--runs={tmp_path}/none-s*"])
 
 
+def test_rows_that_share_a_name_are_told_apart(tmp_path, capsys, monkeypatch):
+    """Runs whose configs differ in more than their seed never share a row: where the names match,
+    the keys that differ are named; a User-LLM run on a Dual Encoder says so (its encoder run's
+    config.json), and its seeds still make one row."""
+    monkeypatch.chdir(tmp_path)
+    for seed in (1, 2):
+        run_dir(tmp_path / f"wide-s{seed}", seed, 0.3)
+        run_dir(tmp_path / f"narrow-s{seed}", seed, 0.2, xattn_dim=8)
+        run_dir(tmp_path / f"dual-s{seed}", seed, 0.1)
+        (tmp_path / f"dual-enc-s{seed}").mkdir()
+        (tmp_path / f"dual-enc-s{seed}" / "config.json").write_text(json.dumps({"kind": "dual"}))
+        c = json.loads((tmp_path / f"dual-s{seed}" / "config.json").read_text())
+        c["encoder_ckpt"] = f"dual-enc-s{seed}/best.pt"
+        (tmp_path / f"dual-s{seed}" / "config.json").write_text(json.dumps(c))
+    groups = report.main(["--summary=True", "--runs=wide-s*,narrow-s*,dual-s*"])
+    assert {k: [s for s, _, _ in v] for k, v in groups.items()} == {
+        "User-LLM N=50 (enc) [xattn_dim=0]": [1, 2], "User-LLM N=50 (enc) [xattn_dim=8]": [1, 2],
+        "User-LLM N=50 (enc) with the dual encoder": [1, 2]}
+
+
 def test_average_ranks_share_ties():
     assert (report.average_ranks(np.array([5.0, 1.0, 5.0, 3.0, 5.0])).tolist()
             == [3.0, 0.0, 3.0, 1.0, 3.0])
