@@ -3,7 +3,8 @@
 #     bash experiments/ml100k.sh 1337 1 2        (or one seed per core at once)
 # The synthetic pipeline's commands with MovieLens-100K siblings of its configs: pretrain the encoder
 # (configs/ml100k.py) and the stand-in LLM (configs/ml100k_gpt.py: its row is the GPT without user context),
-# contextualize it (configs/ml100k_llm.py: User-LLM, Full) and, frozen, with --strategy=enc. Every run is evaluated on
+# contextualize it (configs/ml100k_llm.py: User-LLM, Full) and, frozen, with --strategy=enc; late fusion: the Dual
+# Encoder (--kind=dual) and User-LLM Full on it. Every run is evaluated on
 # all 943 test users (every one of the 1,682 titles ranked by log-likelihood; the encoder ranks item ids), as the
 # library reference is. One CPU thread per run: training about 37 CPU-minutes per seed for the encoder, the
 # stand-in and Full (docs/results.md), plus Enc; each LLM evaluates in about 45 s. A finished run (out_dir/done)
