@@ -37,8 +37,8 @@ def random_gpt2(name, positions=0, **overrides):
 def stretch_positions(wpe, n):
     """Position interpolation (ours; the paper's Sec 2.3 cites it, Chen et al. 2023a): a learned
     position table (P, C) resampled linearly to (n, C), row i of n reading what position
-    i * (P - 1) / (n - 1) read. GPT-2's 1,024 positions hold TextPrompt's TP50 but not TP100 or
-    TP200 (up to 1,210 and 2,359 tokens on MovieLens-20M-shaped users); stretched, every prompt
+    i(P-1)/(n-1) read. GPT-2's 1,024 positions hold TextPrompt's TP50 but not TP100 or TP200 (prompt
+    + answer up to 1,252 and 2,403 tokens on MovieLens-20M-shaped users); stretched, every prompt
     keeps positions the model has seen the like of, and fine-tuning adapts it (a new, randomly
     initialised tail would have to be learnt from nothing)."""
     return F.interpolate(wpe.t()[None].float(), size=n, mode="linear",

@@ -66,8 +66,11 @@ def run_name(c, seed=True):
         enc = os.path.join(os.path.dirname(c.encoder_ckpt or "."), "config.json")
         kind = "ar"
         if c.encoder_ckpt and os.path.isfile(enc):
-            with open(enc) as f:
-                kind = json.load(f).get("kind", "ar")
+            try:
+                with open(enc) as f:
+                    kind = json.load(f).get("kind", "ar")
+            except (OSError, ValueError) as e:
+                raise UserError(f"{enc}: not a training run's config ({e})".splitlines()[0])
         name += f" with the {kind} encoder" if kind != "ar" else ""
     else:
         name = f"{c.kind} encoder" + (" + seen bias" if c.seen_bias else "")

@@ -204,6 +204,9 @@ def test_rows_that_share_a_name_are_told_apart(tmp_path, capsys, monkeypatch):
     assert {k: [s for s, _, _ in v] for k, v in groups.items()} == {
         "User-LLM N=50 (enc) [xattn_dim=0]": [1, 2], "User-LLM N=50 (enc) [xattn_dim=8]": [1, 2],
         "User-LLM N=50 (enc) with the dual encoder": [1, 2]}
+    (tmp_path / "dual-enc-s1" / "config.json").write_text("{")  # damaged: one line, no traceback
+    with pytest.raises(UserError, match=r"dual-enc-s1/config.json: not a training run's config"):
+        report.main(["--summary=True", "--runs=dual-s*"])
 
 
 def test_average_ranks_share_ties():
