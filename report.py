@@ -79,22 +79,17 @@ def run_name(c, seed=True):
 
 def signature(c):
     """A run's config without what differs between the seeds of one row (seed, paths)."""
-    return json.dumps({k: v for k, v in sorted(vars(c).items())
-                       if k not in ("seed", "out_dir", "encoder_ckpt", "llm_ckpt", "init_from")})
+    return {k: v for k, v in vars(c).items()
+            if k not in ("seed", "out_dir", "encoder_ckpt", "llm_ckpt", "init_from")}
 
 
 def row_names(configs):
     """Each config's row name: run_name without the seed, and where configs that differ in more
     than their seed share a name (e.g. --xattn_dim=32), the keys they differ in."""
-    keys = [(run_name(c, seed=False), signature(c)) for c in configs]
-    by_name = {}
-    for name, sig in keys:
-        by_name.setdefault(name, {})[sig] = json.loads(sig)
+    rows = [(run_name(c, seed=False), signature(c)) for c in configs]
     names = []
-    for name, sig in keys:
-        rows = by_name[name]
-        mine = rows[sig]
-        diff = [k for k in mine if any(o.get(k) != mine[k] for o in rows.values())]
+    for name, mine in rows:
+        diff = [k for k in mine if any(n == name and o.get(k) != mine[k] for n, o in rows)]
         names.append(name + (f" [{' '.join(f'{k}={mine[k]}' for k in diff)}]" if diff else ""))
     return names
 

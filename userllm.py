@@ -186,19 +186,16 @@ def build_model(cfg, d, tok, enc_cfg=None, llm_cfg=None):
                             n_head=cfg.n_head, n_embd=cfg.n_embd, **fusion))
     else:
         llm = load_gpt2(cfg.llm, cfg.llm_positions, **fusion)
-    if cfg.max_text_tokens > llm.config.block_size:
-        raise UserError(f"config: max_text_tokens={cfg.max_text_tokens} exceeds the LLM's "
-                        f"{llm.config.block_size} positions: lower it (and text_events), or "
-                        f"llm_positions={cfg.max_text_tokens} stretches GPT-2's")
     if cfg.last_events and (cfg.perceiver or cfg.fusion == "none"):
         raise UserError(f"config: last_events={cfg.last_events} truncates what the LLM reads of "
                         "the encoder: not with a Perceiver nor with fusion='none'")
     n_user = cfg.n_latents if cfg.perceiver else (cfg.last_events or cfg.seq_len)
-    if cfg.fusion == "soft_prompt" and cfg.max_text_tokens + cfg.n_task_tokens + n_user > \
-            llm.config.block_size:
-        raise UserError(f"config: text (max_text_tokens={cfg.max_text_tokens}) + soft prompt "
-                        f"({cfg.n_task_tokens} + {n_user}) exceed the LLM's "
-                        f"{llm.config.block_size} positions")
+    soft = cfg.n_task_tokens + n_user if cfg.fusion == "soft_prompt" else 0  # its positions
+    if cfg.max_text_tokens + soft > llm.config.block_size:
+        raise UserError(f"config: max_text_tokens={cfg.max_text_tokens}"
+                        + (f" + soft prompt {soft}" if soft else "") + " exceeds the LLM's "
+                        f"{llm.config.block_size} positions: lower it (and text_events), or "
+                        f"llm_positions={cfg.max_text_tokens + soft} stretches GPT-2's")
     use_perceiver = cfg.perceiver and cfg.fusion != "none"
     n_events = history_positions(cfg.seq_len)
     perceiver = None

@@ -20,9 +20,9 @@ for seed in "$@"; do
     run out/syn-s$seed/gpt train_llm.py configs/synthetic_gpt.py --seed=$seed
     llm $seed userllm
 done
-# Three rows run the recipe's earlier 600 steps, not its 1,200 (README says so).
-# The paper's other comparisons (docs/results.md): Table 5's strategies, wide and narrow; Table 6's Perceiver
-# against the latest 16 events; late fusion, as an encoder and inside User-LLM; on seed 1, our additions each off.
+# The variants, then the paper's other comparisons (docs/results.md): Table 5's strategies, wide and narrow; Table
+# 6's Perceiver against the latest 16 events; late fusion, as an encoder and inside User-LLM; on seed 1, our
+# additions each off. Three rows run the recipe's earlier 600 steps, not its 1,200 (README says so).
 variants=("enc-strategy --strategy=enc" "perceiver --perceiver=True" "softprompt --fusion=soft_prompt"
           "random-encoder --encoder_ckpt= --max_steps=600" "fav --task=fav --max_steps=600"
           "fav-none --task=fav --fusion=none --max_steps=600" "lora --strategy=lora" "proj --strategy=proj"

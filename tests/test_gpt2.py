@@ -136,5 +136,9 @@ def test_stretched_positions_interpolate_gpt2s_table(tmp_path, small):
         m = build_model(tiny_llm(llm="gpt2", random_weights=True, max_text_tokens=2000,
                                  llm_positions=2000), small, None)
         assert m.llm.config.block_size == 2000
+        with pytest.raises(UserError, match=r"max_text_tokens=1020 \+ soft prompt 14 exceeds the "
+                                            r"LLM's 1024 positions: .* llm_positions=1034"):
+            build_model(tiny_llm(llm="gpt2", random_weights=True, fusion="soft_prompt",
+                                 max_text_tokens=1020), small, None)  # 4 task tokens + 10 events
     with pytest.raises(UserError, match="llm_positions=2000 stretches GPT-2's"):
         build_model(tiny_llm(llm_positions=2000), small, None)
