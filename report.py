@@ -196,10 +196,12 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
 def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
     """Paper Fig. 3: a metric against the history length N, one line per method. A User-LLM run's N
     is its seq_len (the events the encoder sees); a TextPrompt run's is its text_events (the events
-    written into the prompt)."""
-    lines = {}
+    written into the prompt). Beside the figure, a table: each run's metric and its training cost,
+    CPU-milliseconds per training example (log.jsonl's cpu_s at the last training step, validation
+    not counted, over steps x batch_size x grad_accum)."""
+    lines, table = {}, []
     for run in runs:
-        c, row, _ = read_run(run, split, examples)
+        c, row, log = read_run(run, split, examples)
         if row is None:
             raise UserError(f"{run}: no {eval_file(split, examples)}; run eval.py "
                             f"--ckpt={run}/best.pt first")
@@ -209,11 +211,19 @@ def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
             raise UserError(f"{run}: Fig. 3 plots train_llm.py runs, this is an encoder's")
         text_only = c.fusion == "none"
         name = "TextPrompt" if text_only else describe(c).replace(f" N={c.seq_len}", "")
-        lines.setdefault(name, []).append((c.text_events if text_only else c.seq_len, row[metric]))
+        n = c.text_events if text_only else c.seq_len
+        lines.setdefault(name, []).append((n, row[metric]))
+        last = next((r for r in reversed(log) if "loss" in r and "cpu_s" in r), None)
+        cost = (1e3 * last["cpu_s"] / (last["step"] * c.batch_size * c.grad_accum)
+                if last and last["step"] else None)
+        table.append(dict(method=name, N=n, seed=c.seed, value=row[metric], cost=cost))
     series = {name: tuple(zip(*sorted(pts))) for name, pts in lines.items()}
+    print_table(sorted(table, key=lambda r: (r["method"], r["N"], r["seed"])),
+                columns=[("method", "method", ""), ("N", "N", ""), ("seed", "seed", ""),
+                         (metric, "value", ".4f"), ("train CPU-ms/example", "cost", ".2f")])
     svg_chart(path, series, f"{metric} against history length ({split} split)",
               "events of history N", metric)
-    return series
+    return series, table
 
 
 def plot_curves(runs, path):

@@ -23,12 +23,15 @@ from userllm import DEFAULTS, build_model
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def fake_run(path, recall, losses, **cfg):
-    """An out_dir as train_llm.py + eval.py leave it: config.json, log.jsonl and eval_test.json."""
+def fake_run(path, recall, losses, cpu_per_step=None, **cfg):
+    """An out_dir as train_llm.py + eval.py leave it: config.json, log.jsonl (with training
+    CPU-seconds if cpu_per_step) and eval_test.json."""
     path.mkdir()
     c = configure(DEFAULTS, [f"--{k}={v}" for k, v in cfg.items()] + ["--encoder_ckpt=enc.pt"])
     (path / "config.json").write_text(json.dumps(vars(c)))
-    rows = [json.dumps({"step": 20 * i, "loss": x}) + "\n" for i, x in enumerate(losses)]
+    cpu = lambda step: {"cpu_s": cpu_per_step * step} if cpu_per_step else {}
+    rows = [json.dumps({"step": 20 * i, "loss": x, **cpu(20 * i)}) + "\n"
+            for i, x in enumerate(losses)]
     (path / "log.jsonl").write_text("".join(rows))
     (path / "eval_test.json").write_text(json.dumps(
         {"results": {"model": {"recall@10": recall}, "most popular": {"recall@10": 0.07}}}))
@@ -44,12 +47,18 @@ def polylines(path):
 
 
 def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
-    runs = [fake_run(tmp_path / "u50", 0.20, [3, 1], seq_len=50),
+    runs = [fake_run(tmp_path / "u50", 0.20, [3, 1], 0.64, seq_len=50, batch_size=64),
             fake_run(tmp_path / "u10", 0.12, [3, 1], seq_len=10),
-            fake_run(tmp_path / "t10", 0.09, [3, 2], fusion="none", text_events=10),
+            fake_run(tmp_path / "t10", 0.09, [3, 2], 1.6, fusion="none", text_events=10,
+                     batch_size=8, grad_accum=4),
             fake_run(tmp_path / "t5", 0.10, [3, 2], fusion="none", text_events=5),
             fake_run(tmp_path / "u20", 0.05, [3, 2], seq_len=20, seed=7)]
-    series = report.plot_fig3(runs, str(tmp_path / "fig3.svg"))
+    series, table = report.plot_fig3(runs, str(tmp_path / "fig3.svg"))
+    # training cost per example: CPU-seconds at the last step / (steps x batch x grad_accum)
+    cost = {(r["method"], r["N"]): r["cost"] for r in table}
+    assert cost[("User-LLM (enc)", 50)] == pytest.approx(10.0)  # 0.64 s / 64 examples
+    assert cost[("TextPrompt", 10)] == pytest.approx(50.0)  # 1.6 s / 32 examples
+    assert cost[("TextPrompt", 5)] is None  # a log without cpu_s: no cost, no crash
     assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)),
                       "TextPrompt": ((5, 10), (0.10, 0.09)),
                       # another seed is drawn apart, not averaged in

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Paper Fig. 3 at CPU scale, on the synthetic default: User-LLM and TextPrompt as the history grows
+# (N = 10, 25, 50 events; synthetic users have about 80, so not 100 or 200). For each seed given:
+#     bash experiments/fig3.sh 1        (then 2 3; one seed per core at once)
+# after `bash experiments/synthetic.sh SEED` (this seed's encoder, stand-in and User-LLM at N = 50).
+# - User-LLM at N: the encoder reads the latest N events (seq_len=N); the LLM's input stays one short
+#   query. The scratch GPT has max_text_tokens + 4 + seq_len positions (room for a soft prompt), so
+#   max_text_tokens=562-N keeps the stand-in's 566.
+# - TextPrompt TP-N: the latest N events written into the prompt (up to 1,654 bytes at N = 50), from
+#   one stand-in per seed that has read 0-50 events written out, pretrained as TP10's (1,000 steps).
+# Cost per seed, one thread: User-LLM about 7 CPU-minutes per N; the stand-in and TP50 about 9 CPU-s
+# per step each (measured over 4 steps: 2.4 and 3.2 CPU-hours), TP25 about half: about 8 in all.
+# The figure and the table (training CPU per example: report.py --summary's column):
+#     python report.py --fig3=fig3.svg --examples=500 --runs='out/syn-s1/fig3-*,out/syn-s1/userllm'
+set -e
+source "$(dirname "$0")/run.sh"
+for seed in "$@"; do
+    o=out/syn-s$seed
+    [ -f $o/enc/done ] && [ -f $o/gpt/done ] || { echo "$o: run experiments/synthetic.sh $seed first"; exit 1; }
+    pair="--encoder_ckpt=$o/enc/best.pt --llm_ckpt=$o/gpt/best.pt"
+    for n in 10 25; do
+        run $o/fig3-userllm$n train_llm.py configs/synthetic_llm.py --seed=$seed $pair --seq_len=$n \
+            --max_text_tokens=$((562 - n))
+    done
+    hist=$o/fig3-gpt-hist50
+    run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=50 --max_text_tokens=1664 \
+        --max_steps=1000 --min_lr=3e-4
+    for n in 10 25 50; do
+        run $o/fig3-tp$n train_llm.py configs/synthetic_llm.py --seed=$seed --fusion=none --text_events=$n \
+            --max_text_tokens=1664 --llm_ckpt=$hist/best.pt
+    done
+done
