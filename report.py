@@ -23,6 +23,7 @@ from common import (TRAIN_DEFAULTS, checkpoint_data, eval_file, evaluate_ranking
 from config import UserError, cli, configure
 from data import Prompter, get_tokenizer, popularity
 from decode import answer_logprobs
+from encoder import DEFAULTS as DEFAULTS_ENC
 from userllm import DEFAULTS as DEFAULTS_LLM
 from userllm import describe, from_checkpoint
 
@@ -78,8 +79,10 @@ def run_name(c, seed=True):
 
 
 def signature(c):
-    """A run's config without what differs between the seeds of one row (seed, paths)."""
-    return {k: v for k, v in vars(c).items()
+    """A run's config without what differs between the seeds of one row (seed, paths); a key added
+    since the run (absent from its config.json) has the default it ran with."""
+    defaults = DEFAULTS_LLM if hasattr(c, "fusion") else DEFAULTS_ENC
+    return {k: v for k, v in {**defaults, **vars(c)}.items()
             if k not in ("seed", "out_dir", "encoder_ckpt", "llm_ckpt", "init_from")}
 
 

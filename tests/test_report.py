@@ -198,7 +198,7 @@ def test_summary_groups_seeds_and_reports_mean_and_sd(tmp_path, capsys):
 def test_rows_that_share_a_name_are_told_apart(tmp_path, capsys, monkeypatch):
     """Runs whose configs differ in more than their seed never share a row: where the names match,
     the keys that differ are named; a User-LLM run on a Dual Encoder says so (its encoder run's
-    config.json), and its seeds still make one row."""
+    config.json), and its seeds still make one row, also where one run predates a key."""
     monkeypatch.chdir(tmp_path)
     for seed in (1, 2):
         run_dir(tmp_path / f"wide-s{seed}", seed, 0.3)
@@ -208,6 +208,8 @@ def test_rows_that_share_a_name_are_told_apart(tmp_path, capsys, monkeypatch):
         (tmp_path / f"dual-enc-s{seed}" / "config.json").write_text(json.dumps({"kind": "dual"}))
         c = json.loads((tmp_path / f"dual-s{seed}" / "config.json").read_text())
         c["encoder_ckpt"] = f"dual-enc-s{seed}/best.pt"
+        if seed == 2:  # a run from before a key existed ran with its default: the same row
+            del c["llm_positions"]
         (tmp_path / f"dual-s{seed}" / "config.json").write_text(json.dumps(c))
     groups = report.main(["--summary=True", "--runs=wide-s*,narrow-s*,dual-s*"])
     assert {k: [s for s, _, _ in v] for k, v in groups.items()} == {
