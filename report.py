@@ -80,9 +80,10 @@ def run_name(c, seed=True):
 
 def signature(c):
     """A run's config without what differs between the seeds of one row (seed, paths); a key added
-    since the run (absent from its config.json) has the default it ran with."""
+    since the run (absent from its config.json) has the default it ran with (a tuple default as the
+    list config.json holds)."""
     defaults = DEFAULTS_LLM if hasattr(c, "fusion") else DEFAULTS_ENC
-    return {k: v for k, v in {**defaults, **vars(c)}.items()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **vars(c)}.items()
             if k not in ("seed", "out_dir", "encoder_ckpt", "llm_ckpt", "init_from")}
 
 

@@ -209,7 +209,7 @@ def test_rows_that_share_a_name_are_told_apart(tmp_path, capsys, monkeypatch):
         c = json.loads((tmp_path / f"dual-s{seed}" / "config.json").read_text())
         c["encoder_ckpt"] = f"dual-enc-s{seed}/best.pt"
         if seed == 2:  # a run from before a key existed ran with its default: the same row
-            del c["llm_positions"]
+            del c["llm_positions"], c["enc_feature_dims"]  # (a tuple default, a list in JSON)
         (tmp_path / f"dual-s{seed}" / "config.json").write_text(json.dumps(c))
     groups = report.main(["--summary=True", "--runs=wide-s*,narrow-s*,dual-s*"])
     assert {k: [s for s, _, _ in v] for k, v in groups.items()} == {
