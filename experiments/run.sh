@@ -14,7 +14,7 @@ run() {
 # The real-data pipeline, for each seed: the encoder without the seen bias (a term of the encoder's own
 # item ranking, which the LLM does not read: docs/deviations.md), the stand-in LLM (its row is the GPT
 # without user context), User-LLM Full and, LLM frozen, Enc; late fusion: the Dual Encoder and User-LLM Full
-# on it; every run on every test user, then the table.
+# on it; Bert4Rec; every run on every test user (the calling script prints the table).
 #     real_pipeline DATASET SEED...     (configs/DATASET.py, DATASET_gpt.py, DATASET_llm.py)
 real_pipeline() {
     local name=$1; shift
@@ -30,6 +30,6 @@ real_pipeline() {
         run $o/dual-enc train_encoder.py configs/$name.py --seed=$seed --seen_bias=False --kind=dual
         run $o/userllm-dual train_llm.py configs/${name}_llm.py --seed=$seed $pair \
             --encoder_ckpt=$o/dual-enc/best.pt
+        run $o/bert4rec train_encoder.py configs/$name.py --seed=$seed --seen_bias=False --kind=bert4rec
     done
-    python report.py --summary=True --runs="out/$name-s*/*"
 }
