@@ -380,6 +380,19 @@ def batch_targets(targets, step, batch_size, seed):
     return out
 
 
+def length_grouped(targets, group_index, batch_size, seed, group, prompt_lengths):
+    """Ours (docs/deviations.md): the global batches of steps group_index*group .. +group-1, pooled,
+    sorted by prompt length and cut into `group` batches again, in a seeded order. Each example
+    still trains once in those steps, and a batch pads to its own longest prompt, not the pool's:
+    TextPrompt's histories cost about their tokens. prompt_lengths: target indices -> lengths."""
+    first = group_index * group
+    pool = np.concatenate([batch_targets(targets, first + j, batch_size, seed)
+                           for j in range(group)])
+    pool = pool[np.argsort(prompt_lengths(pool), kind="stable")]
+    order = np.random.default_rng([seed, group_index, 1]).permutation(group)
+    return [pool[j * batch_size:(j + 1) * batch_size] for j in order]
+
+
 # --------------------------------------------------------------------------------------------------
 # tasks as text (Sec 4.2-4.5): the LLM's prompts and answers, token ids as numpy arrays
 

@@ -18,7 +18,7 @@ from common import (Run, adamw, all_reduce_sum, check_train_config, clip_and_ste
                     evaluate_loss, evaluating, get_lr, micro_batches, no_sync, seed_all,
                     seeded_subset, set_lr, setup, teardown, to_device)
 from config import cli, configure
-from data import Prompter, UserData, batch_targets, get_tokenizer
+from data import Prompter, UserData, batch_targets, get_tokenizer, length_grouped
 from userllm import DEFAULTS, RULES, build_model, load_llm
 
 
@@ -59,6 +59,19 @@ def main(argv):
     def make_batch(ids):  # events, then the task's prompt and answer tokens
         return to_device(prompter(d.batch(ids, cfg.seq_len), ids), rt.device)
 
+    groups = {}  # length_groups > 0: the current group's batches (data.length_grouped)
+
+    def train_batch(step):  # the global batch of a step, a function of (seed, step)
+        if not cfg.length_groups:
+            return batch_targets(train_targets, step, cfg.batch_size, cfg.seed)
+        g = step // cfg.length_groups
+        if g not in groups:
+            groups.clear()
+            groups[g] = length_grouped(train_targets, g, cfg.batch_size, cfg.seed,
+                                       cfg.length_groups,
+                                       lambda ids: [len(p) for p in prompter.prompts(ids)])
+        return groups[g][step % cfg.length_groups]
+
     train_model = run.wrap(model)  # compiled and/or DDP
     while True:
         lr = get_lr(run.step, cfg)
@@ -69,7 +82,7 @@ def main(argv):
         if run.step == cfg.max_steps:
             break
         cpu0 = time.process_time()
-        ids = batch_targets(train_targets, run.step, cfg.batch_size, cfg.seed)  # the global batch
+        ids = train_batch(run.step)
         micro = micro_batches(ids, rt, cfg.grad_accum)  # this rank's share, (chunk, ids) each
         loss = 0.0
         for i, (chunk, micro_ids) in enumerate(micro):

@@ -59,6 +59,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # ours, fusion='none' (data.Prompter): pack the batch's previous examples before each one; write
     # 0..mixed_history events before the query
     pack_examples=0, mixed_history=0,
+    length_groups=0,  # ours (docs/deviations.md): > 0 pools this many steps' batches by prompt length
     **TRAIN_DEFAULTS,
 )
 RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
@@ -73,7 +74,7 @@ RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)
     lora_rank=at_least(1), lora_alpha=at_least(0.0), n_task_tokens=at_least(0),
     fusion_lr_mult=at_least(0.0), gate_lr_mult=at_least(0.0), perceiver_lr_mult=at_least(0.0),
     max_answer_tokens=at_least(1), pack_examples=at_least(0), mixed_history=at_least(0),
-    **TRAIN_RULES,
+    length_groups=at_least(0), **TRAIN_RULES,
 )
 
 

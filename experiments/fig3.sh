@@ -24,9 +24,9 @@ for seed in "$@"; do
     done
     hist=$o/fig3-gpt-hist50
     run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=50 --max_text_tokens=1664 \
-        --max_steps=1000 --min_lr=3e-4
+        --max_steps=1000 --min_lr=3e-4 --length_groups=16
     for n in 10 25 50; do
         run $o/fig3-tp$n train_llm.py configs/synthetic_llm.py --seed=$seed --fusion=none --text_events=$n \
-            --max_text_tokens=1664 --llm_ckpt=$hist/best.pt
+            --max_text_tokens=1664 --llm_ckpt=$hist/best.pt --length_groups=16
     done
 done

@@ -68,6 +68,21 @@ def test_batch_targets_resumable_epochs():
     assert not (data.batch_targets(targets, 0, 10, seed=6) == steps[0]).all()
 
 
+def test_length_grouped_batches():
+    """length_groups: a group's batches hold the same examples as batch_targets' for those steps,
+    each batch one stretch of lengths (so it pads little), in a seeded order."""
+    targets = np.arange(100, 197)
+    length = lambda ids: (ids * 7919) % 101  # noqa: E731 -- any length unrelated to the order
+    plain = [data.batch_targets(targets, s, 10, seed=5) for s in range(4, 8)]
+    grouped = data.length_grouped(targets, 1, 10, 5, 4, length)  # steps 4..7
+    assert sorted(np.concatenate(grouped)) == sorted(np.concatenate(plain))
+    spans = sorted((length(b).min(), length(b).max()) for b in grouped)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # stretches, no overlap
+    assert [length(b).max() for b in grouped] != [length(b).max() for b in plain]
+    assert not all((a == b).all() for a, b in zip(grouped, data.length_grouped(targets, 1, 10, 6, 4,
+                                                                              length)))
+
+
 def test_text_and_reviews(syn):
     d = syn
     t = int(d.targets("test")[0])

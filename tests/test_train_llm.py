@@ -49,6 +49,21 @@ def test_gates_are_logged_and_fusion_layers_get_their_learning_rate(small, tmp_p
     assert {in_group[id(p)] for p in model.perceiver.parameters()} == {2.0}
 
 
+def test_length_grouped_training_resumes_exactly(small, tmp_path):
+    """TextPrompt with length_groups=3: 4 steps == 2 steps + resume mid-group + 2 steps, bit for
+    bit (a group's batches are a function of (seed, step), not of the process)."""
+    args = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--fusion=none", "--text_events=3",
+            "--strategy=full",
+            f"--data_dir={small.path}", "--batch_size=8", "--eval_interval=2",
+            "--eval_examples=8", "--warmup_steps=0", "--lr_decay_steps=4", "--length_groups=3"]
+    train_llm.main(args + ["--max_steps=4", f"--out_dir={tmp_path / 'a'}"])
+    train_llm.main(args + ["--max_steps=2", f"--out_dir={tmp_path / 'b'}"])
+    train_llm.main(args + ["--max_steps=4", f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    a, b = (torch.load(tmp_path / x / "ckpt.pt", weights_only=True) for x in "ab")
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 @pytest.mark.slow
 def test_user_llm_beats_the_llm_without_user_context(synthetic, pretrained_encoder, tmp_path):
     """The quickstart's pipeline, shorter, one seed: a GPT pretrained without user context (the
