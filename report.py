@@ -198,12 +198,13 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
 
 
 def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
-    """Paper Fig. 3: a metric against the history length N, one line per method. A User-LLM run's N
-    is its seq_len (the events the encoder sees); a TextPrompt run's is its text_events (the events
-    written into the prompt). Beside the figure, a table: each run's metric and its training cost,
-    CPU-milliseconds per training example (log.jsonl's cpu_s at the last training step, validation
-    not counted, over steps x batch_size x grad_accum)."""
-    lines, table = {}, []
+    """Paper Fig. 3: a metric against the history length N, one line per method, each point the
+    mean over the seeds given. A User-LLM run's N is its seq_len (the events the encoder sees); a
+    TextPrompt run's is its text_events (the events written into the prompt). Beside the figure, a
+    table per method and N: the seeds, the metric's mean ± sd, and the training cost, CPU-ms per
+    training example (log.jsonl's cpu_s at the last training step, validation not counted, over
+    steps x batch_size x grad_accum), mean over the seeds."""
+    points = {}  # (method, N) -> [(value, cost)], one per run
     for run in runs:
         c, row, log = read_run(run, split, examples)
         if row is None:
@@ -214,18 +215,27 @@ def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
         if not hasattr(c, "fusion"):
             raise UserError(f"{run}: Fig. 3 plots train_llm.py runs, this is an encoder's")
         text_only = c.fusion == "none"
-        name = "TextPrompt" if text_only else describe(c).replace(f" N={c.seq_len}", "")
-        n = c.text_events if text_only else c.seq_len
-        lines.setdefault(name, []).append((n, row[metric]))
+        name = "TextPrompt" if text_only else run_name(c, seed=False).replace(f" N={c.seq_len}", "")
         last = next((r for r in reversed(log) if "loss" in r and "cpu_s" in r), None)
         cost = (1e3 * last["cpu_s"] / (last["step"] * c.batch_size * c.grad_accum)
                 if last and last["step"] else None)
-        table.append(dict(method=name, N=n, seed=c.seed, value=row[metric], cost=cost))
-    series = {name: tuple(zip(*sorted(pts))) for name, pts in lines.items()}
-    print_table(sorted(table, key=lambda r: (r["method"], r["N"], r["seed"])),
-                columns=[("method", "method", ""), ("N", "N", ""), ("seed", "seed", ""),
-                         (metric, "value", ".4f"), ("train CPU-ms/example", "cost", ".2f")])
-    svg_chart(path, series, f"{metric} against history length ({split} split)",
+        points.setdefault((name, c.text_events if text_only else c.seq_len), []).append(
+            (row[metric], cost))
+    table = []
+    for (name, n), got in sorted(points.items()):
+        v = np.array([value for value, _ in got])
+        costs = [cost for _, cost in got if cost is not None]
+        table.append(dict(method=name, N=n, seeds=len(v), value=v.mean(),
+                          sd=v.std(ddof=1) if len(v) > 1 else None,
+                          cost=float(np.mean(costs)) if costs else None))
+    lines = {}
+    for r in table:
+        lines.setdefault(r["method"], []).append((r["N"], r["value"]))
+    series = {name: tuple(zip(*pts)) for name, pts in lines.items()}
+    print_table(table, columns=[("method", "method", ""), ("N", "N", ""), ("seeds", "seeds", ""),
+                                (metric, "value", ".4f"), ("sd", "sd", ".4f"),
+                                ("train CPU-ms/example", "cost", ".2f")])
+    svg_chart(path, series, f"{metric} against history length ({split} split), mean over seeds",
               "events of history N", metric)
     return series, table
 

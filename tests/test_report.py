@@ -52,17 +52,20 @@ def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
             fake_run(tmp_path / "t10", 0.09, [3, 2], 1.6, fusion="none", text_events=10,
                      batch_size=8, grad_accum=4),
             fake_run(tmp_path / "t5", 0.10, [3, 2], fusion="none", text_events=5),
-            fake_run(tmp_path / "u20", 0.05, [3, 2], seq_len=20, seed=7)]
+            fake_run(tmp_path / "u10s7", 0.16, [3, 1], 0.32, seq_len=10, seed=7, batch_size=64)]
     series, table = report.plot_fig3(runs, str(tmp_path / "fig3.svg"))
     # training cost per example: CPU-seconds at the last step / (steps x batch x grad_accum)
     cost = {(r["method"], r["N"]): r["cost"] for r in table}
     assert cost[("User-LLM (enc)", 50)] == pytest.approx(10.0)  # 0.64 s / 64 examples
     assert cost[("TextPrompt", 10)] == pytest.approx(50.0)  # 1.6 s / 32 examples
     assert cost[("TextPrompt", 5)] is None  # a log without cpu_s: no cost, no crash
-    assert series == {"User-LLM (enc)": ((10, 50), (0.12, 0.20)),
-                      "TextPrompt": ((5, 10), (0.10, 0.09)),
-                      # another seed is drawn apart, not averaged in
-                      "User-LLM (enc) seed 7": ((20,), (0.05,))}
+    assert cost[("User-LLM (enc)", 10)] == pytest.approx(5.0)  # the seed with a cost
+    # the seeds of a method at one N are one point, their mean; the table has their spread
+    assert series == {"User-LLM (enc)": ((10, 50), (pytest.approx(0.14), 0.20)),
+                      "TextPrompt": ((5, 10), (0.10, 0.09))}
+    spread = {(r["method"], r["N"]): (r["seeds"], r["sd"]) for r in table}
+    assert spread[("User-LLM (enc)", 10)] == (2, pytest.approx(0.0283, abs=1e-4))
+    assert spread[("TextPrompt", 5)] == (1, None)
     lines = polylines(tmp_path / "fig3.svg")
     (ua, ub), (ta, tb) = lines["User-LLM (enc)"], lines["TextPrompt"]
     # N grows to the right; the higher recall is drawn higher (smaller y)
