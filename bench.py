@@ -6,6 +6,7 @@ docs/benchmarks.md.
     python bench.py --dtype=True --threads=1   # fp32 against bf16 autocast on this CPU
     python bench.py --prepare=True             # data.py on a 20M-event MovieLens-format file
     python bench.py --ranking=out/synthetic-llm/best.pt --threads=1   # eval.py's ranking speed
+    python bench.py --length_groups=16 --threads=1   # TextPrompt's step, batches length-grouped
     python bench.py --gpu_check=True           # on a GPU: both training scripts, bf16 + compile
 
 - encoder: one train_encoder.py config's training step: examples/s, events/s, targets/s, FLOP/s,
@@ -17,6 +18,9 @@ docs/benchmarks.md.
 - ranking: eval.py's exact ranking of every title, by scoring the whole trie and by the top-10
   search, in CPU-seconds per user against the FLOP floor (tokens fed x FLOPs per token / matmul
   rate).
+- length_groups: TextPrompt's training step (the synthetic stand-in's GPT, Fig. 3's max_text_tokens)
+  on the batches of `length_groups` steps as drawn and length-grouped (data.length_grouped): CPU-ms
+  per step and tokens per step, padded and real, averaged over the group's batches.
 - gpu_check: train_encoder.py and train_llm.py (a GPT-2-small-shaped GPT from scratch) under
   torchrun, in bf16 with torch.compile and in fp16 (GradScaler); units/s from their log.jsonl and
   MFU = 6 x params x tokens/s / the GPU's dense bf16 peak. Exits 1 naming any run that fails. Its
@@ -42,7 +46,8 @@ import userllm
 from common import (checkpoint_data, cpu_has_bf16, cpu_sdpa_flops, load_checkpoint, peak_flops,
                     print_table, seeded_subset, six_nd, time_train_step, to_device)
 from config import UserError, cli, configure
-from data import Prompter, UserData, batch_targets, by_prompt_length, get_tokenizer
+from data import (Prompter, UserData, batch_targets, by_prompt_length, get_tokenizer,
+                  length_grouped)
 from decode import answer_logprobs, top_answers, trie_chunks
 from encoder import EncoderConfig, encoder_config, history_positions, make_encoder
 from model import GPT, GPTConfig
@@ -57,6 +62,9 @@ DEFAULTS = dict(
     dtype=False, gpt2_batch=2, gpt2_len=256,  # fp32 against bf16 autocast on the CPU
     prepare=False, prepare_events=20_000_000, prepare_dir="data/bench",  # preparation at scale
     ranking="", ranking_examples=200,  # a next-item train_llm.py checkpoint: ranking speed
+    # TextPrompt's step, batches of this many steps as drawn and length-grouped; the histories
+    # ((text_events, mixed_history) each) and the batch size
+    length_groups=0, length_cases=((0, 50), (50, 0)), length_batch=64,
     # the GPU check: steps of the bf16 runs and of the fp16 one, their dtype and torch.compile, the
     # LLM's (n_layer, n_head, n_embd), (encoder, LLM) batch sizes, all runs' seconds in all, their
     # out_dirs
@@ -383,6 +391,52 @@ def bench_prepare(cfg, seconds=3):
 
 
 # --------------------------------------------------------------------------------------------------
+# TextPrompt's training step: batches as drawn against length-grouped (data.length_grouped)
+
+def bench_length_groups(cfg):
+    """For each (text_events, mixed_history) case, on the stand-in GPT's shape with random weights:
+    the training step (forward, backward, AdamW) on the `length_groups` batches of steps 0.. as
+    drawn, then on the same examples length-grouped; CPU-ms per step and tokens per step, padded
+    (what the step computes) and real, averaged over the batches."""
+    d = UserData(cfg.data_dir or os.path.join("data", cfg.dataset))
+    tok, train, rows = get_tokenizer("scratch"), d.targets("train"), []
+    stand_in = os.path.join(HERE, "configs", "synthetic_gpt.py")
+    for text_events, mixed in cfg.length_cases:
+        c = configure(userllm.DEFAULTS, [stand_in, f"--text_events={text_events}",
+                                         f"--mixed_history={mixed}", "--max_text_tokens=1664"])
+        model = build_model(c, d, tok)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        prompter = Prompter(d, tok, c.task, text_events, c.max_text_tokens, c.max_answer_tokens,
+                            mixed=mixed)
+        drawn = [batch_targets(train, s, cfg.length_batch, cfg.seed)
+                 for s in range(cfg.length_groups)]
+        grouped = length_grouped(train, 0, cfg.length_batch, cfg.seed, cfg.length_groups,
+                                 lambda ids: [len(p) for p in prompter.prompts(ids)])
+        case = f"TP{text_events}" if text_events else f"stand-in reading 0-{mixed} events"
+        for how, batches in (("as drawn", drawn), ("length-grouped", grouped)):
+            cpu, padded, real = 0.0, 0, 0
+            for ids in batches:
+                batch = to_device(prompter(d.batch(ids, c.seq_len), ids), "cpu")
+                padded += batch["idx"].numel()
+                real += sum(len(p) for p in prompter.prompts(ids))
+                t0 = time.process_time()
+                model(batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                cpu += time.process_time() - t0
+            n = len(batches)
+            rows.append(dict(case=case, batches=how, ms_step=1e3 * cpu / n, padded=padded / n,
+                             real=real / n))
+        rows[-1]["speedup"] = rows[-2]["ms_step"] / rows[-1]["ms_step"]
+    print_table(rows, f"TextPrompt's training step, {cfg.length_groups} batches of "
+                f"{cfg.length_batch}, torch threads {torch.get_num_threads()}",
+                [("case", "case", ""), ("batches", "batches", ""), ("CPU-ms/step", "ms_step", ".0f"),
+                 ("tokens/step", "padded", ",.0f"), ("prompt tokens/step", "real", ",.0f"),
+                 ("speedup", "speedup", ".2f")])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # ranking every title by log-likelihood (eval.py): the search, scoring all, and the FLOP floor
 
 def matmul_rate(n=2048, repeats=5):
@@ -464,6 +518,8 @@ def main(argv):
         return bench_prepare(cfg)
     if cfg.ranking:
         return bench_ranking(cfg)
+    if cfg.length_groups:
+        return bench_length_groups(cfg)
     if cfg.dtype:
         if not cpu_has_bf16():
             print("bench.py --dtype=True: skipped. This CPU has no native bf16 (no avx512_bf16 or "
@@ -495,7 +551,7 @@ def main(argv):
                      ("device", "device", ""), ("MFU", "mfu", "")])
         return rows
     raise UserError("bench.py: choose --encoder=CONFIG, --dtype=True, --prepare=True, "
-                    "--ranking=CKPT or --gpu_check=True")
+                    "--ranking=CKPT, --length_groups=N or --gpu_check=True")
 
 
 if __name__ == "__main__":

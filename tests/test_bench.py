@@ -168,3 +168,15 @@ def test_ranking_benchmark_feeds_fewer_tokens_searching(small, tmp_path, capsys)
     assert all(0 < r["floor_s_user"]
                and r["of_floor"] == r["floor_s_user"] / r["cpu_s_user"] for r in (full, search))
     assert "6 test users" in capsys.readouterr().out
+
+
+def test_length_groups_bench_times_the_same_examples_padded_less(small):
+    rows = bench.main([f"--data_dir={small.path}", "--length_groups=4", "--length_batch=8",
+                       "--length_cases=((3, 0), (0, 6))", "--threads=1"])
+    assert [(r["case"], r["batches"]) for r in rows] == [
+        ("TP3", "as drawn"), ("TP3", "length-grouped"),
+        ("stand-in reading 0-6 events", "as drawn"), ("stand-in reading 0-6 events", "length-grouped")]
+    for drawn, grouped in (rows[:2], rows[2:]):
+        assert grouped["real"] == drawn["real"]  # the same examples
+        assert grouped["padded"] < drawn["padded"]  # each batch pads to its own longest
+        assert grouped["speedup"] == drawn["ms_step"] / grouped["ms_step"] > 0
