@@ -28,7 +28,7 @@ from userllm import DEFAULTS as DEFAULTS_LLM
 from userllm import describe, from_checkpoint
 
 DEFAULTS = dict(
-    runs="",  # out_dirs, comma-separated (glob patterns with --summary)
+    runs="",  # out_dirs, comma-separated glob patterns
     summary=False, split="test", fig3="", curves="", time_to_quality="", metric="recall@10",
     examples=0,  # the eval.py results to read: of every user (0), or of --max_examples=examples
     catalogue="",  # a checkpoint of an LLM without user context: how well it knows the catalogue
@@ -331,7 +331,9 @@ def main(argv):
     if cfg.catalogue:
         return catalogue(cfg)
     patterns = [r for r in cfg.runs.split(",") if r]
-    runs = sorted(r for p in patterns for r in glob.glob(p)) if cfg.summary else patterns
+    # each pattern's matches in order (a pattern that matches nothing stays, and fails when read)
+    runs = [r for p in patterns for r in (sorted(glob.glob(p)) or [p])]
+    runs = sorted(r for p in patterns for r in glob.glob(p)) if cfg.summary else runs
     if not runs:
         raise UserError(f"report.py: no run matches --runs='{cfg.runs}'")
     if cfg.summary:

@@ -8,10 +8,14 @@
 #   max_text_tokens=562-N keeps the stand-in's 566.
 # - TextPrompt TP-N: the latest N events written into the prompt (up to 1,654 bytes at N = 50), from
 #   one stand-in per seed that has read 0-50 events written out, pretrained as TP10's (1,000 steps).
-# Cost per seed, one thread: User-LLM about 7 CPU-minutes per N; the stand-in and TP50 about 9 CPU-s
-# per step each (measured over 4 steps: 2.4 and 3.2 CPU-hours), TP25 about half: about 8 in all.
-# The figure and the table (training CPU per example: report.py --summary's column):
-#     python report.py --fig3=fig3.svg --examples=500 --runs='out/syn-s1/fig3-*,out/syn-s1/userllm'
+# - Batches grouped by prompt length (length_groups=16, docs/deviations.md) for the stand-in and
+#   TextPrompt: a batch pads to its own longest prompt (bench.py --length_groups=16: 2.65x and 1.58x).
+# Cost per seed, one thread: User-LLM about 6 minutes per N; the stand-in 3.1 CPU-s per step (51
+# CPU-minutes), TP50 about 6 (2 CPU-hours), TP25 and TP10 less: about 4 CPU-hours in all.
+# The figure, each point the mean over the seeds, and its table (seeds, mean ± sd, training CPU-ms
+# per example):
+#     python report.py --fig3=fig3.svg --examples=500 \
+#         --runs='out/syn-s[123]/fig3-userllm*,out/syn-s[123]/userllm,out/syn-s[123]/fig3-tp[0-9][0-9]'
 set -e
 source "$(dirname "$0")/run.sh"
 for seed in "$@"; do

@@ -66,6 +66,9 @@ def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
     spread = {(r["method"], r["N"]): (r["seeds"], r["sd"]) for r in table}
     assert spread[("User-LLM (enc)", 10)] == (2, pytest.approx(0.0283, abs=1e-4))
     assert spread[("TextPrompt", 5)] == (1, None)
+    # --runs takes glob patterns: the same runs, the same figure
+    report.main([f"--runs={tmp_path}/u*,{tmp_path}/t*", f"--fig3={tmp_path / 'glob.svg'}"])
+    assert (tmp_path / "glob.svg").read_text() == (tmp_path / "fig3.svg").read_text()
     lines = polylines(tmp_path / "fig3.svg")
     (ua, ub), (ta, tb) = lines["User-LLM (enc)"], lines["TextPrompt"]
     # N grows to the right; the higher recall is drawn higher (smaller y)
