@@ -331,9 +331,10 @@ def main(argv):
     if cfg.catalogue:
         return catalogue(cfg)
     patterns = [r for r in cfg.runs.split(",") if r]
-    # each pattern's matches in order (a pattern that matches nothing stays, and fails when read)
-    runs = [r for p in patterns for r in (sorted(glob.glob(p)) or [p])]
-    runs = sorted(r for p in patterns for r in glob.glob(p)) if cfg.summary else runs
+    if cfg.summary:
+        runs = sorted(r for p in patterns for r in glob.glob(p))
+    else:  # each pattern's matches in order; one that matches nothing stays, and fails when read
+        runs = [r for p in patterns for r in (sorted(glob.glob(p)) or [p])]
     if not runs:
         raise UserError(f"report.py: no run matches --runs='{cfg.runs}'")
     if cfg.summary:
