@@ -411,14 +411,14 @@ def bench_length_groups(cfg):
         drawn = [batch_targets(train, s, cfg.length_batch, cfg.seed)
                  for s in range(cfg.length_groups)]
         grouped = length_grouped(train, 0, cfg.length_batch, cfg.seed, cfg.length_groups,
-                                 lambda ids: [len(p) for p in prompter.prompts(ids)])
+                                 prompter.prompt_lengths)
         case = f"TP{text_events}" if text_events else f"stand-in reading 0-{mixed} events"
         for how, batches in (("as drawn", drawn), ("length-grouped", grouped)):
             cpu, padded, real = 0.0, 0, 0
             for ids in batches:
                 batch = to_device(prompter(d.batch(ids, c.seq_len), ids), "cpu")
                 padded += batch["idx"].numel()
-                real += sum(len(p) for p in prompter.prompts(ids))
+                real += sum(prompter.prompt_lengths(ids))
                 t0 = time.process_time()
                 model(batch).backward()
                 opt.step()
@@ -430,9 +430,9 @@ def bench_length_groups(cfg):
         rows[-1]["speedup"] = rows[-2]["ms_step"] / rows[-1]["ms_step"]
     print_table(rows, f"TextPrompt's training step, {cfg.length_groups} batches of "
                 f"{cfg.length_batch}, torch threads {torch.get_num_threads()}",
-                [("case", "case", ""), ("batches", "batches", ""), ("CPU-ms/step", "ms_step", ".0f"),
-                 ("tokens/step", "padded", ",.0f"), ("prompt tokens/step", "real", ",.0f"),
-                 ("speedup", "speedup", ".2f")])
+                [("case", "case", ""), ("batches", "batches", ""),
+                 ("CPU-ms/step", "ms_step", ".0f"), ("tokens/step", "padded", ",.0f"),
+                 ("prompt tokens/step", "real", ",.0f"), ("speedup", "speedup", ".2f")])
     return rows
 
 

@@ -393,6 +393,16 @@ def length_grouped(targets, group_index, batch_size, seed, group, prompt_lengths
     return [pool[j * batch_size:(j + 1) * batch_size] for j in order]
 
 
+def train_batches(targets, batch_size, seed, length_groups=0, prompt_lengths=None):
+    """step -> the global batch of a training step, a function of (seed, step): batch_targets',
+    or (length_groups > 0) length_grouped's, each group computed once."""
+    if not length_groups:
+        return lambda step: batch_targets(targets, step, batch_size, seed)
+    group = lru_cache(maxsize=1)(lambda g: length_grouped(targets, g, batch_size, seed,
+                                                          length_groups, prompt_lengths))
+    return lambda step: group(step // length_groups)[step % length_groups]
+
+
 # --------------------------------------------------------------------------------------------------
 # tasks as text (Sec 4.2-4.5): the LLM's prompts and answers, token ids as numpy arrays
 
@@ -466,6 +476,10 @@ class Prompter:
                                             rating=f"{rating:g}")
             texts.append(history + query)
         return self.tok.encode_ordinary_batch(texts)
+
+    def prompt_lengths(self, targets):
+        """The prompts' lengths in tokens (data.length_grouped sorts by them)."""
+        return [len(p) for p in self.prompts(targets)]
 
     def answer_tokens(self, targets, d_batch):
         """The answers: the target item's title, the favourite genre/category's name, or the user's

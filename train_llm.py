@@ -18,7 +18,7 @@ from common import (Run, adamw, all_reduce_sum, check_train_config, clip_and_ste
                     evaluate_loss, evaluating, get_lr, micro_batches, no_sync, seed_all,
                     seeded_subset, set_lr, setup, teardown, to_device)
 from config import cli, configure
-from data import Prompter, UserData, batch_targets, get_tokenizer, length_grouped
+from data import Prompter, UserData, get_tokenizer, train_batches
 from userllm import DEFAULTS, RULES, build_model, load_llm
 
 
@@ -53,24 +53,12 @@ def main(argv):
     run = Run(cfg, rt, model, optimizer, select="loss", higher_is_better=False,
               extra={"encoder_config": enc_cfg, "llm_config": dataclasses.asdict(model.llm.config),
                      "data": d.fingerprint()})
-    train_targets = d.targets("train", cfg.min_history)
+    train_batch = train_batches(d.targets("train", cfg.min_history), cfg.batch_size, cfg.seed,
+                                cfg.length_groups, prompter.prompt_lengths)  # step -> global batch
     val_targets = seeded_subset(d.targets("val"), cfg.eval_examples, cfg.seed)  # every rank: all
 
     def make_batch(ids):  # events, then the task's prompt and answer tokens
         return to_device(prompter(d.batch(ids, cfg.seq_len), ids), rt.device)
-
-    groups = {}  # length_groups > 0: the current group's batches (data.length_grouped)
-
-    def train_batch(step):  # the global batch of a step, a function of (seed, step)
-        if not cfg.length_groups:
-            return batch_targets(train_targets, step, cfg.batch_size, cfg.seed)
-        g = step // cfg.length_groups
-        if g not in groups:
-            groups.clear()
-            groups[g] = length_grouped(train_targets, g, cfg.batch_size, cfg.seed,
-                                       cfg.length_groups,
-                                       lambda ids: [len(p) for p in prompter.prompts(ids)])
-        return groups[g][step % cfg.length_groups]
 
     train_model = run.wrap(model)  # compiled and/or DDP
     while True:

@@ -59,7 +59,7 @@ DEFAULTS = dict(  # every key of a train_llm.py config (configs/*_llm.py, ml20m_
     # ours, fusion='none' (data.Prompter): pack the batch's previous examples before each one; write
     # 0..mixed_history events before the query
     pack_examples=0, mixed_history=0,
-    length_groups=0,  # ours (docs/deviations.md): > 0 pools this many steps' batches by prompt length
+    length_groups=0,  # ours (docs/deviations.md): > 0 sorts this many steps' batches by length
     **TRAIN_DEFAULTS,
 )
 RULES = dict(  # the values DEFAULTS' keys allow (config.configure checks them)

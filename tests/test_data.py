@@ -79,8 +79,13 @@ def test_length_grouped_batches():
     spans = sorted((length(b).min(), length(b).max()) for b in grouped)
     assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # stretches, no overlap
     assert [length(b).max() for b in grouped] != [length(b).max() for b in plain]
-    assert not all((a == b).all() for a, b in zip(grouped, data.length_grouped(targets, 1, 10, 6, 4,
-                                                                              length)))
+    other_seed = data.length_grouped(targets, 1, 10, 6, 4, length)
+    assert not all((a == b).all() for a, b in zip(grouped, other_seed))
+    # train_batches: step -> the step's batch, grouped or as batch_targets draws it
+    step = data.train_batches(targets, 10, 5, length_groups=4, prompt_lengths=length)
+    assert all((step(4 + j) == grouped[j]).all() for j in range(4))
+    plain_step = data.train_batches(targets, 10, 5)
+    assert all((plain_step(4 + j) == plain[j]).all() for j in range(4))
 
 
 def test_text_and_reviews(syn):
