@@ -155,9 +155,29 @@ def ticks(lo, hi, log=False):
 
 
 def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
-    """A line chart: series = {label: (xs, ys)}, one coloured line each (with dots when it has few
-    points)."""
-    right = 60 + 7 * max(len(label) for label in series)  # the right margin holds the legend
+    """A line chart in an SVG file: series = {label: (xs, ys)}, one coloured line each."""
+    write_svg(path, [chart(series, title, xlabel, ylabel, log_y)])
+
+
+def write_svg(path, panels):
+    """Charts side by side in one SVG file, each a <g id="panelI"> (I from 0, left to right)."""
+    W, H = sum(w for w, _, _ in panels), max(h for _, h, _ in panels)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>']
+    x = 0
+    for i, (w, _, body) in enumerate(panels):
+        out += [f'<g id="panel{i}" transform="translate({x},0)">', *body, "</g>"]
+        x += w
+    with open(path, "w") as fh:
+        fh.write("\n".join(out + ["</svg>"]) + "\n")
+
+
+def chart(series, title, xlabel, ylabel, log_y=False, colors=None, legend=True):
+    """One chart's width, height and SVG elements: series = {label: (xs, ys)}, one coloured line
+    each (colors: {label: colour}, else in turn; with dots when it has few points), the legend on
+    the right unless legend=False."""
+    right = 60 + 7 * max(len(label) for label in series) if legend else 30  # holds the legend
     W, H, left, top, bottom = 500 + right, 420, 70, 40, 50
     f = (lambda y: np.log10(max(y, 1e-9))) if log_y else (lambda y: y)
     title, xlabel, ylabel = escape(title), escape(xlabel), escape(ylabel)
@@ -168,10 +188,7 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
     px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (W - left - right)
     py = lambda y: H - bottom - (f(y) - y0) / ((y1 - y0) or 1) * (H - top - bottom)
     mid_x, mid_y = (W - right + left) / 2, (H - bottom + top) / 2
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{mid_x}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+    out = [f'<text x="{mid_x}" y="22" text-anchor="middle" font-size="14">{title}</text>',
            f'<text x="{mid_x}" y="{H - 12}" text-anchor="middle">{xlabel}</text>',
            f'<text x="16" y="{mid_y}" text-anchor="middle" transform="rotate(-90 16 {mid_y})">'
            f'{ylabel}</text>',
@@ -183,7 +200,8 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
         out.append(f'<text x="{px(x):.1f}" y="{H - bottom + 18}" '
                    f'text-anchor="middle">{x:.4g}</text>')
     for i, (label, (xv, yv)) in enumerate(series.items()):
-        c, label = COLORS[i % len(COLORS)], escape(label)
+        c = (colors or {}).get(label, COLORS[i % len(COLORS)])
+        label = escape(label)
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv))
         out.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2">'
                    f'<title>{label}</title></polyline>')
@@ -191,19 +209,20 @@ def svg_chart(path, series, title, xlabel, ylabel, log_y=False):
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"/>'
                     for x, y in zip(xv, yv)]
         ly = top + 10 + 20 * i
-        out.append(f'<path d="M{W - right + 15},{ly} h24" stroke="{c}" stroke-width="2"/>'
-                   f'<text x="{W - right + 45}" y="{ly + 4}">{label}</text>')
-    with open(path, "w") as fh:
-        fh.write("\n".join(out + ["</svg>"]) + "\n")
+        if legend:
+            out.append(f'<path d="M{W - right + 15},{ly} h24" stroke="{c}" stroke-width="2"/>'
+                       f'<text x="{W - right + 45}" y="{ly + 4}">{label}</text>')
+    return W, H, out
 
 
 def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
     """Paper Fig. 3: a metric against the history length N, one line per method, each point the
     mean over the seeds given. A User-LLM run's N is its seq_len (the events the encoder sees); a
-    TextPrompt run's is its text_events (the events written into the prompt). Beside the figure, a
-    table per method and N: the seeds, the metric's mean ± sd, and the training cost, CPU-ms per
-    training example (log.jsonl's cpu_s at the last training step, validation not counted, over
-    steps x batch_size x grad_accum), mean over the seeds."""
+    TextPrompt run's is its text_events (the events written into the prompt). A second panel
+    draws the training cost against N (log scale), and a table gives per method and N the seeds,
+    the metric's mean ± sd and the cost: CPU-ms per training example (log.jsonl's cpu_s at the
+    last training step, validation not counted, over steps x batch_size x grad_accum), mean over
+    the seeds."""
     points = {}  # (method, N) -> [(value, cost)], one per run
     for run in runs:
         c, row, log = read_run(run, split, examples)
@@ -235,8 +254,19 @@ def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
     print_table(table, columns=[("method", "method", ""), ("N", "N", ""), ("seeds", "seeds", ""),
                                 (metric, "value", ".4f"), ("sd", "sd", ".4f"),
                                 ("train CPU-ms/example", "cost", ".2f")])
-    svg_chart(path, series, f"{metric} against history length ({split} split), mean over seeds",
-              "events of history N", metric)
+    costs = {}
+    for r in table:
+        if r["cost"] is not None:
+            costs.setdefault(r["method"], []).append((r["N"], r["cost"]))
+    panels = [chart(series, f"{metric} against history length ({split} split), mean over seeds",
+                    "events of history N", metric)]
+    colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(series)}  # one per method
+    if costs:  # beside it, what a training example cost at each N (the same colours, no legend)
+        panels.append(chart({name: tuple(zip(*pts)) for name, pts in costs.items()},
+                            "training cost per example, mean over seeds", "events of history N",
+                            "CPU-ms per training example (log scale)", log_y=True, colors=colors,
+                            legend=False))
+    write_svg(path, panels)
     return series, table
 
 

@@ -38,12 +38,20 @@ def fake_run(path, recall, losses, cpu_per_step=None, **cfg):
     return str(path)
 
 
-def polylines(path):
-    """{title: [(x, y) pixels]} of an SVG file's lines."""
+def polylines(path, panel=0):
+    """{title: [(x, y) pixels]} of the lines in one panel of an SVG file (0: the leftmost)."""
     root = ET.parse(path).getroot()
+    g = next(g for g in root.iter(SVG + "g") if g.get("id") == f"panel{panel}")
     return {p.find(SVG + "title").text: [tuple(map(float, xy.split(",")))
                                          for xy in p.get("points").split()]
-            for p in root.iter(SVG + "polyline")}
+            for p in g.iter(SVG + "polyline")}
+
+
+def colour(path, panel, title):
+    """The stroke colour of the line with this title in one panel."""
+    g = next(g for g in ET.parse(path).getroot().iter(SVG + "g") if g.get("id") == f"panel{panel}")
+    return next(p.get("stroke") for p in g.iter(SVG + "polyline")
+                if p.find(SVG + "title").text == title)
 
 
 def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
@@ -75,6 +83,17 @@ def test_fig3_draws_one_line_per_method_in_order_of_length(tmp_path):
     assert ua[0] < ub[0] and ua[1] > ub[1]
     assert ta[0] < tb[0] == ua[0] and ta[1] < tb[1]
     assert ta[1] > ua[1]  # TextPrompt's 0.10 is drawn below User-LLM's 0.12
+    # the second panel: the cost at each N that has one, each method in its first panel's colour
+    costs = polylines(tmp_path / "fig3.svg", panel=1)
+    assert len(costs["User-LLM (enc)"]) == 2 and len(costs["TextPrompt"]) == 1  # TP5: no cost
+    (c10, c50), (t10,) = costs["User-LLM (enc)"], costs["TextPrompt"]
+    assert c10[0] < c50[0] and c10[1] > c50[1] > t10[1]  # 5 < 10 < 50 CPU-ms, drawn upwards
+    for method in ("User-LLM (enc)", "TextPrompt"):
+        assert colour(tmp_path / "fig3.svg", 0, method) == colour(tmp_path / "fig3.svg", 1, method)
+    report.plot_fig3([runs[3], runs[0]], str(tmp_path / "one.svg"))  # TextPrompt without a cost
+    assert list(polylines(tmp_path / "one.svg", panel=1)) == ["User-LLM (enc)"]
+    assert colour(tmp_path / "one.svg", 1, "User-LLM (enc)") == colour(
+        tmp_path / "one.svg", 0, "User-LLM (enc)") != colour(tmp_path / "one.svg", 0, "TextPrompt")
     with pytest.raises(UserError, match="recall@20"):
         report.plot_fig3(runs, str(tmp_path / "x.svg"), metric="recall@20")
     (tmp_path / "u10" / "eval_test.json").unlink()
