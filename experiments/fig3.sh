@@ -1,17 +1,20 @@
 #!/bin/bash
 # Paper Fig. 3 at CPU scale, on the synthetic default: User-LLM and TextPrompt as the history grows
-# (N = 10, 25, 50 events; synthetic users have about 80, so not 100 or 200). For each seed given:
+# (N = 10, 25, 50 events, and User-LLM at 100; synthetic users have 40-120 events, so at 200 it would
+# read the same histories as at 120). For each seed given:
 #     bash experiments/fig3.sh 1        (then 2 3; one seed per core at once)
 # after `bash experiments/synthetic.sh SEED` (this seed's encoder, stand-in and User-LLM at N = 50).
 # - User-LLM at N: the encoder reads the latest N events (seq_len=N); the LLM's input stays one short
 #   query. The scratch GPT has max_text_tokens + 4 + seq_len positions (room for a soft prompt), so
-#   max_text_tokens=562-N keeps the stand-in's 566.
+#   max_text_tokens=562-N keeps the stand-in's 566. At N = 100 the encoder is pretrained on 100 events (its
+#   learned positions stop at the N it was trained on; 10 and 25 read the latest of the 50-event one's).
 # - TextPrompt TP-N: the latest N events written into the prompt (up to 1,654 bytes at N = 50), from
 #   one stand-in per seed that has read 0-50 events written out, pretrained as TP10's (1,000 steps).
 # - Batches grouped by prompt length (length_groups=16, docs/deviations.md) for the stand-in and
 #   TextPrompt: a batch pads to its own longest prompt (bench.py --length_groups=16: 2.65x and 1.58x).
-# Cost per seed, one thread: User-LLM about 6 minutes per N; the stand-in 3.1 CPU-s per step (51
-# CPU-minutes), TP50 about 6 (2 CPU-hours), TP25 and TP10 less: about 4 CPU-hours in all.
+# Cost per seed, one thread: User-LLM about 6 minutes per N (N = 100: and its encoder); the
+# stand-in 3.1 CPU-s per step (51 CPU-minutes), TP50 about 6 (2 CPU-hours), TP25 and TP10 less:
+# about 4 CPU-hours in all.
 # The figure, each point the mean over the seeds, and its table (seeds, mean ± sd, training CPU-ms
 # per example):
 #     python report.py --fig3=fig3.svg --examples=500 \
@@ -26,6 +29,9 @@ for seed in "$@"; do
         run $o/fig3-userllm$n train_llm.py configs/synthetic_llm.py --seed=$seed $pair --seq_len=$n \
             --max_text_tokens=$((562 - n))
     done
+    run $o/fig3-enc100 train_encoder.py configs/synthetic_enc.py --seed=$seed --seq_len=100
+    run $o/fig3-userllm100 train_llm.py configs/synthetic_llm.py --seed=$seed --seq_len=100 \
+        --encoder_ckpt=$o/fig3-enc100/best.pt --llm_ckpt=$o/gpt/best.pt --max_text_tokens=462
     hist=$o/fig3-gpt-hist50
     run $hist train_llm.py configs/synthetic_gpt.py --seed=$seed --mixed_history=50 --max_text_tokens=1664 \
         --max_steps=1000 --min_lr=3e-4 --length_groups=16
