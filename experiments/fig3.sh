@@ -12,9 +12,9 @@
 #   one stand-in per seed that has read 0-50 events written out, pretrained as TP10's (1,000 steps).
 # - Batches grouped by prompt length (length_groups=16, docs/deviations.md) for the stand-in and
 #   TextPrompt: a batch pads to its own longest prompt (bench.py --length_groups=16: 2.65x and 1.58x).
-# Cost per seed, one thread: User-LLM about 6 minutes per N (N = 100: and its encoder); the
-# stand-in 3.1 CPU-s per step (51 CPU-minutes), TP50 about 6 (2 CPU-hours), TP25 and TP10 less:
-# about 4 CPU-hours in all.
+# Cost per seed, one thread: User-LLM about 6 minutes per N (16 at N = 100 with its encoder); the
+# stand-in 3.1 CPU-s per step (51 CPU-minutes), TP50 about 6 (2 CPU-hours; scoring its 500 test
+# users about 1.5 more), TP25 and TP10 less: about 7 CPU-hours in all.
 # The figure, each point the mean over the seeds, and its table (seeds, mean ± sd, training CPU-ms
 # per example):
 #     python report.py --fig3=fig3.svg --examples=500 \
