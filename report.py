@@ -247,23 +247,24 @@ def plot_fig3(runs, path, metric="recall@10", split="test", examples=0):
         table.append(dict(method=name, N=n, seeds=len(v), value=v.mean(),
                           sd=v.std(ddof=1) if len(v) > 1 else None,
                           cost=float(np.mean(costs)) if costs else None))
-    lines = {}
-    for r in table:
-        lines.setdefault(r["method"], []).append((r["N"], r["value"]))
-    series = {name: tuple(zip(*pts)) for name, pts in lines.items()}
     print_table(table, columns=[("method", "method", ""), ("N", "N", ""), ("seeds", "seeds", ""),
                                 (metric, "value", ".4f"), ("sd", "sd", ".4f"),
                                 ("train CPU-ms/example", "cost", ".2f")])
-    costs = {}
-    for r in table:
-        if r["cost"] is not None:
-            costs.setdefault(r["method"], []).append((r["N"], r["cost"]))
+
+    def lines(key):  # {method: (Ns, values of key)}, the N that have one
+        pts = {}
+        for r in table:
+            if r[key] is not None:
+                pts.setdefault(r["method"], []).append((r["N"], r[key]))
+        return {name: tuple(zip(*p)) for name, p in pts.items()}
+
+    series, costs = lines("value"), lines("cost")
     panels = [chart(series, f"{metric} against history length ({split} split), mean over seeds",
                     "events of history N", metric)]
     colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(series)}  # one per method
     if costs:  # beside it, what a training example cost at each N (the same colours, no legend)
-        panels.append(chart({name: tuple(zip(*pts)) for name, pts in costs.items()},
-                            "training cost per example, mean over seeds", "events of history N",
+        panels.append(chart(costs, "training cost per example, mean over seeds",
+                            "events of history N",
                             "CPU-ms per training example (log scale)", log_y=True, colors=colors,
                             legend=False))
     write_svg(path, panels)

@@ -6,8 +6,9 @@
 # after `bash experiments/synthetic.sh SEED` (this seed's encoder, stand-in and User-LLM at N = 50).
 # - User-LLM at N: the encoder reads the latest N events (seq_len=N); the LLM's input stays one short
 #   query. The scratch GPT has max_text_tokens + 4 + seq_len positions (room for a soft prompt), so
-#   max_text_tokens=562-N keeps the stand-in's 566. At N = 100 the encoder is pretrained on 100 events (its
-#   learned positions stop at the N it was trained on; 10 and 25 read the latest of the 50-event one's).
+#   max_text_tokens=562-N keeps the stand-in's 566. At N = 100 the encoder is pretrained on 100
+#   events (its learned positions stop at the N it was trained on; 10 and 25 read the latest of the
+#   50-event one's).
 # - TextPrompt TP-N: the latest N events written into the prompt (up to 1,654 bytes at N = 50), from
 #   one stand-in per seed that has read 0-50 events written out, pretrained as TP10's (1,000 steps).
 # - Batches grouped by prompt length (length_groups=16, docs/deviations.md) for the stand-in and
